@@ -1,0 +1,109 @@
+"""The two layers that make ComDefend's code binary: noise on the code logits, and a
+straight-through binarizer.
+
+Both are written with ``keras.ops`` only, so they run on the TensorFlow, JAX and PyTorch
+backends, inside ``tf.function``, under ``GradientTape`` and in SavedModels. Both are registered
+Keras serializables and round-trip through ``.keras`` files with ``safe_mode=True``.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+GRADIENTS = ("identity", "sigmoid")
+
+
+@keras.saving.register_keras_serializable(package="comdefend_tf")
+class CodeNoise(keras.layers.Layer):
+    """Subtracts Gaussian noise from the code logits: ``logits - N(0, std**2)``.
+
+    The noise standard deviation is set separately for training (the release: 20.0, which
+    forces the encoder to push its logits far from 0) and inference (the release: 1.0; 0 gives a
+    deterministic purifier and skips the random draw entirely). Fresh noise per element and call.
+
+    Call args:
+      code_logits: float tensor ``[batch, height, width, code_channels]``, any real values.
+      training: selects ``train_std`` (True) or ``inference_std`` (False/None).
+      noise: optional tensor broadcastable to ``code_logits`` used instead of a fresh draw (an
+        attacker who knows the draw, or a test). It is subtracted as given, not scaled.
+
+    Returns:
+      ``code_logits`` minus the noise, same shape and dtype.
+    """
+
+    def __init__(self, train_std: float = 20.0, inference_std: float = 0.0,
+                 seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if train_std < 0 or inference_std < 0:
+            raise ValueError(f"noise standard deviations must be >= 0, got train_std={train_std}, "
+                             f"inference_std={inference_std}")
+        self.train_std = float(train_std)
+        self.inference_std = float(inference_std)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, code_logits, training=None, noise=None):
+        if noise is not None:
+            return code_logits - ops.cast(noise, code_logits.dtype)
+        std = self.train_std if training else self.inference_std
+        if std == 0.0:
+            return code_logits
+        draw = keras.random.normal(ops.shape(code_logits), stddev=std,
+                                   dtype=code_logits.dtype, seed=self.seed_generator)
+        return code_logits - draw
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(train_std=self.train_std, inference_std=self.inference_std, seed=self.seed)
+        return config
+
+
+def hard_threshold(code_logits):
+    """0/1 code bits, ``code_logits > 0`` (equal to ``sigmoid(code_logits) > 0.5``), same dtype.
+
+    No gradient flows through this function; use ``StraightThroughBinarize`` in a model.
+    """
+    return ops.cast(ops.greater(code_logits, 0), code_logits.dtype)
+
+
+@keras.saving.register_keras_serializable(package="comdefend_tf")
+class StraightThroughBinarize(keras.layers.Layer):
+    """Hard 0/1 code bits in the forward pass, a straight-through gradient in the backward pass.
+
+    Forward: ``bits = 1 where code_logits > 0 else 0`` (exactly 0.0 or 1.0, never rounded).
+    Backward (``gradient``):
+      * ``identity``: d bits / d logits = 1 (BPDA's straight-through estimator);
+      * ``sigmoid``: d bits / d logits = sigmoid'(logits) (the soft code's gradient).
+
+    The identity is written ``bits + (surrogate - stop_gradient(surrogate))``: the bracket is
+    exactly 0 in the forward pass, so the bits are exact, and its gradient is the surrogate's.
+
+    Call args:
+      code_logits: float tensor of any shape (noisy logits).
+
+    Returns:
+      float tensor of the same shape and dtype holding 0.0/1.0.
+    """
+
+    def __init__(self, gradient: str = "identity", **kwargs):
+        super().__init__(**kwargs)
+        if gradient not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+        self.gradient = gradient
+
+    def call(self, code_logits):
+        bits = hard_threshold(code_logits)
+        surrogate = code_logits if self.gradient == "identity" else ops.sigmoid(code_logits)
+        return bits + (surrogate - ops.stop_gradient(surrogate))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(gradient=self.gradient)
+        return config
