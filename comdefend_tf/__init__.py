@@ -8,10 +8,11 @@ registering its Keras layers.
 
 from comdefend_tf.config import ComDefendConfig, get_config, CONFIG_NAMES
 from comdefend_tf.layers import CodeNoise, StraightThroughBinarize
-from comdefend_tf.model import ComDefend, build_comcnn, build_rescnn, load_comdefend
+from comdefend_tf.model import (ComDefend, build_comcnn, build_rescnn, load_comdefend,
+                               save_comdefend)
 
 __all__ = [
     "ComDefendConfig", "get_config", "CONFIG_NAMES",
     "CodeNoise", "StraightThroughBinarize",
-    "ComDefend", "build_comcnn", "build_rescnn", "load_comdefend",
+    "ComDefend", "build_comcnn", "build_rescnn", "load_comdefend", "save_comdefend",
 ]

@@ -248,3 +248,32 @@ def load_comdefend(path: str, inference_noise_std: float | None = None,
     if inference_noise_std is not None or inference_mode is not None or seed is not None:
         model = model.with_inference(inference_noise_std, inference_mode, seed)
     return model
+
+
+CONFIG_FILENAME = "config.json"
+METRICS_FILENAME = "metrics.json"
+
+
+def save_comdefend(model: ComDefend, model_dir: str, metrics: dict | None = None) -> str:
+    """Writes ``MODEL_DIR/comdefend.keras``, ``config.json`` and ``metrics.json``.
+
+    Each file is written under a temporary name and renamed into place, so an interrupted
+    save never leaves a truncated model where a previous good one stood. ``metrics`` must be
+    JSON-serialisable (numbers, strings, lists, dicts). Returns the ``.keras`` path.
+    """
+    import json
+    import os
+
+    os.makedirs(model_dir, exist_ok=True)
+    keras_path = os.path.join(model_dir, KERAS_FILENAME)
+    partial = os.path.join(model_dir, ".partial." + KERAS_FILENAME)
+    model.save(partial)
+    os.replace(partial, keras_path)
+    for file_name, payload in ((CONFIG_FILENAME, model.config.to_dict()),
+                               (METRICS_FILENAME, metrics or {})):
+        path = os.path.join(model_dir, file_name)
+        with open(path + ".partial", "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True, default=float)
+            handle.write("\n")
+        os.replace(path + ".partial", path)
+    return keras_path
