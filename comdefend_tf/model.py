@@ -19,12 +19,14 @@ Everything here uses ``keras.ops``: the model runs on every Keras 3 backend. Tra
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import keras
 from keras import ops
 
 from comdefend_tf.config import ComDefendConfig
+from comdefend_tf.files import write_json_atomic
 from comdefend_tf.layers import CodeNoise, StraightThroughBinarize
 
 KERAS_FILENAME = "comdefend.keras"
@@ -109,6 +111,8 @@ class ComDefend(keras.Model):
         self.psnr_tracker = keras.metrics.Mean(name="psnr")
         self.near_zero_tracker = keras.metrics.Mean(name="near_zero")
         self._last_forward = None
+        # Both sub-models are functional and already built; nothing depends on input shape.
+        self.built = True
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, images, training=False, noise=None, mode: str | None = None) -> dict:
@@ -192,10 +196,6 @@ class ComDefend(keras.Model):
         config = dict(config)
         return cls(config.pop("config"), **config)
 
-    def build(self, input_shape=None):
-        # Sub-models are built at construction (functional); nothing is shape-dependent.
-        self.built = True
-
     def with_inference(self, noise_std: float | None = None, mode: str | None = None,
                        seed: int | None = None) -> "ComDefend":
         """A new model sharing this one's weights with other inference settings.
@@ -232,8 +232,6 @@ def load_comdefend(path: str, inference_noise_std: float | None = None,
       FileNotFoundError: naming the path, when neither exists.
       ValueError: when the file is not a ComDefend model.
     """
-    import os
-
     if os.path.isdir(path):
         path = os.path.join(path, KERAS_FILENAME)
     if not os.path.isfile(path):
@@ -261,19 +259,11 @@ def save_comdefend(model: ComDefend, model_dir: str, metrics: dict | None = None
     save never leaves a truncated model where a previous good one stood. ``metrics`` must be
     JSON-serialisable (numbers, strings, lists, dicts). Returns the ``.keras`` path.
     """
-    import json
-    import os
-
     os.makedirs(model_dir, exist_ok=True)
     keras_path = os.path.join(model_dir, KERAS_FILENAME)
     partial = os.path.join(model_dir, ".partial." + KERAS_FILENAME)
     model.save(partial)
     os.replace(partial, keras_path)
-    for file_name, payload in ((CONFIG_FILENAME, model.config.to_dict()),
-                               (METRICS_FILENAME, metrics or {})):
-        path = os.path.join(model_dir, file_name)
-        with open(path + ".partial", "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True, default=float)
-            handle.write("\n")
-        os.replace(path + ".partial", path)
+    write_json_atomic(os.path.join(model_dir, CONFIG_FILENAME), model.config.to_dict())
+    write_json_atomic(os.path.join(model_dir, METRICS_FILENAME), metrics or {})
     return keras_path

@@ -1,0 +1,35 @@
+"""Flags shared by the binaries that read a dataset (one definition, one help text)."""
+
+from absl import flags
+
+from comdefend_tf import data as data_lib
+
+
+def define_data_flags(default_dataset: str = "mnist5k") -> None:
+    """Defines --dataset, --image_size, --color_mode, --data_dir and --manual_dir."""
+    flags.DEFINE_string(
+        "dataset", default_dataset,
+        f"Image source: one of {', '.join(data_lib.source_names())}. The embedded sets need no "
+        "download; folder:PATH reads PATH/<class>/<image>.png|jpg.")
+    flags.DEFINE_list("image_size", None,
+                      "Resize every image to HEIGHT,WIDTH pixels (default: the images' own size).")
+    flags.DEFINE_enum("color_mode", None, sorted(data_lib.COLOR_MODES),
+                      "Convert images to this many channels (default: the source's own).")
+    flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
+    flags.DEFINE_string("manual_dir", None,
+                        "tensorflow-datasets manual download directory (imagenet2012).")
+
+
+def load_data_from_flags(split_seed: int = 0) -> data_lib.ImageData:
+    """Opens the dataset the data flags name. Raises ``data.DataError`` on bad data."""
+    values = flags.FLAGS
+    image_size = None
+    if values.image_size:
+        try:
+            image_size = tuple(int(size) for size in values.image_size)
+        except ValueError as error:
+            raise flags.ValidationError(
+                f"--image_size must be HEIGHT,WIDTH integers, got {values.image_size}") from error
+    return data_lib.load_dataset(values.dataset, image_size=image_size,
+                                 color_mode=values.color_mode, split_seed=split_seed,
+                                 data_dir=values.data_dir, manual_dir=values.manual_dir)
