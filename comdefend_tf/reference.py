@@ -32,6 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from comdefend_tf.config import ComDefendConfig, get_config
+from comdefend_tf.image_io import to_uint8 as round_to_uint8  # our rounding, for comparison
 
 WEIGHTS_MEMBER = "w.npy"
 CONVOLUTIONS_PER_NETWORK = 9
@@ -376,16 +377,11 @@ def truncate_to_uint8(images) -> np.ndarray:
     """The release's conversion: ``(y * 255).astype(uint8)`` in float32 (truncation).
 
     ``images``: float array in [0, 1]; returns uint8 of the same shape. Biased low by half a
-    grey level on average; use ``round_to_uint8`` for anything but reproducing their files.
+    grey level on average; use ``round_to_uint8`` (``image_io.to_uint8``) for anything but
+    reproducing their files.
     """
     scaled = np.asarray(images, dtype=np.float32) * np.float32(255)
     return np.clip(scaled, 0, 255).astype(np.uint8)
-
-
-def round_to_uint8(images) -> np.ndarray:
-    """Our conversion: ``round(y * 255)`` clipped to [0, 255], uint8, same shape."""
-    scaled = np.asarray(images, dtype=np.float32) * np.float32(255)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def uint8_agreement(ours, theirs) -> dict[str, float]:
