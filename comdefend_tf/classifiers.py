@@ -1,0 +1,348 @@
+"""The classifiers ComDefend protects, and how to train, save and load them.
+
+Every classifier here is a Keras model from images float32 ``[batch, height, width, channels]``
+in [0, 1] to **logits** float32 ``[batch, num_classes]`` (no softmax), so any attack written
+against a logits callable (cleverhans, foolbox) and any purifier with the same image face
+compose with it: ``classifier(purifier(images))``.
+
+Architectures (``ARCHITECTURES``):
+
+* ``small_cnn``: two 3x3 convolution blocks and a dense layer; for 8x8 and 28x28 grayscale
+  digits (about 0.2 M parameters at 28x28, seconds per epoch on a CPU).
+* ``resnet_cifar``: a ResNet-20-style network (He et al. 2016, CIFAR variant: 3 stages of 16,
+  32, 64 channels, ``blocks_per_stage`` residual blocks each) for 32x32 RGB.
+* ``resnet50``: ``keras.applications.ResNet50`` (``weights=None``, never downloaded) behind a
+  registered preprocessing layer that maps [0, 1] RGB to the Caffe-style input those weights
+  expect; ImageNet weights load from a local ``.h5``/``.weights.h5`` file when given.
+* ``auto``: chooses by input shape (``choose_architecture``).
+
+Training uses ``fit`` with the same callbacks, strategies and resumable state as ComDefend's
+training (``comdefend_tf.training``); ``save_classifier`` writes ``MODEL_DIR/classifier.keras``
+and ``metrics.json`` atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from comdefend_tf import data as data_lib
+from comdefend_tf import training
+from comdefend_tf.files import write_json_atomic
+
+ARCHITECTURES = ("auto", "small_cnn", "resnet_cifar", "resnet50")
+KERAS_FILENAME = "classifier.keras"
+METRICS_FILENAME = "metrics.json"
+# The per-channel means (BGR order, 0..255 scale) Keras' ImageNet ResNet50 weights expect.
+_CAFFE_BGR_MEANS = (103.939, 116.779, 123.68)
+
+
+def choose_architecture(image_shape, name: str = "auto") -> str:
+    """The architecture for images of ``image_shape`` ``(height, width, channels)``.
+
+    ``auto`` picks ``small_cnn`` for grayscale images up to 64x64, ``resnet_cifar`` for colour
+    images up to 64x64 and ``resnet50`` for anything larger; any other name is returned after
+    validation.
+
+    Raises:
+      ValueError: an unknown architecture name, or an image shape without a known size.
+    """
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if name != "auto":
+        return name
+    height, width, channels = image_shape
+    if height is None or width is None:
+        raise ValueError(f"architecture auto needs a fixed image size, got {image_shape}; pass "
+                         "an image size or name the architecture")
+    if max(height, width) > 64:
+        return "resnet50"
+    return "small_cnn" if channels == 1 else "resnet_cifar"
+
+
+def build_classifier(image_shape, num_classes: int, architecture: str = "auto",
+                     weights_path: str | None = None, blocks_per_stage: int = 3,
+                     seed: int | None = None) -> keras.Model:
+    """A fresh (or locally loaded) classifier from images in [0, 1] to logits.
+
+    Args:
+      image_shape: ``(height, width, channels)`` of the input images.
+      num_classes: number of logits.
+      architecture: a name from ``ARCHITECTURES``.
+      weights_path: ``resnet50`` only: a local Keras weights file of ``ResNet50(include_top=
+        True)`` (ImageNet, 1000 classes; needs ``num_classes == 1000``) or of ``ResNet50(
+        include_top=False)`` (then a fresh head with ``num_classes`` logits is added). Never
+        downloaded.
+      blocks_per_stage: ``resnet_cifar`` only: residual blocks per stage (3 gives ResNet-20).
+      seed: seeds the weight initialisers.
+
+    Returns:
+      a ``keras.Model`` named after the architecture: float32 ``[B, H, W, C]`` in [0, 1] ->
+      float32 logits ``[B, num_classes]``.
+
+    Raises:
+      ValueError: bad shape, class count or architecture; FileNotFoundError: missing weights.
+    """
+    if num_classes is None or num_classes < 2:
+        raise ValueError(f"a classifier needs at least 2 classes, got {num_classes} (is the "
+                         "dataset labelled?)")
+    architecture = choose_architecture(image_shape, architecture)
+    if weights_path is not None and architecture != "resnet50":
+        raise ValueError(f"weights_path is only supported for resnet50, not {architecture}")
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    if architecture == "small_cnn":
+        return _small_cnn(image_shape, num_classes)
+    if architecture == "resnet_cifar":
+        return _resnet_cifar(image_shape, num_classes, blocks_per_stage)
+    return _resnet50(image_shape, num_classes, weights_path)
+
+
+def _small_cnn(image_shape, num_classes):
+    images = keras.Input(image_shape, name="images")
+    features = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="conv1")(images)
+    # 8x8 digits keep their resolution through the first block; 28x28 digits are pooled twice.
+    if min(image_shape[0], image_shape[1]) >= 16:
+        features = keras.layers.MaxPooling2D(2, name="pool1")(features)
+    features = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="conv2")(features)
+    features = keras.layers.MaxPooling2D(2, name="pool2")(features)
+    features = keras.layers.Flatten(name="flatten")(features)
+    features = keras.layers.Dense(128, activation="relu", name="dense")(features)
+    logits = keras.layers.Dense(num_classes, name="logits")(features)
+    return keras.Model(images, logits, name="small_cnn")
+
+
+def _residual_block(features, filters, stride, name):
+    shortcut = features
+    features = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
+                                   kernel_initializer="he_normal", name=f"{name}_conv1")(features)
+    features = keras.layers.BatchNormalization(name=f"{name}_bn1")(features)
+    features = keras.layers.Activation("relu", name=f"{name}_relu1")(features)
+    features = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
+                                   kernel_initializer="he_normal", name=f"{name}_conv2")(features)
+    features = keras.layers.BatchNormalization(name=f"{name}_bn2")(features)
+    if stride != 1 or shortcut.shape[-1] != filters:
+        shortcut = keras.layers.Conv2D(filters, 1, strides=stride, use_bias=False,
+                                       name=f"{name}_shortcut")(shortcut)
+        shortcut = keras.layers.BatchNormalization(name=f"{name}_shortcut_bn")(shortcut)
+    features = keras.layers.Add(name=f"{name}_add")([features, shortcut])
+    return keras.layers.Activation("relu", name=f"{name}_out")(features)
+
+
+def _resnet_cifar(image_shape, num_classes, blocks_per_stage):
+    if blocks_per_stage < 1:
+        raise ValueError(f"blocks_per_stage must be >= 1, got {blocks_per_stage}")
+    images = keras.Input(image_shape, name="images")
+    centred = keras.layers.Rescaling(2.0, offset=-1.0, name="centre")(images)
+    features = keras.layers.Conv2D(16, 3, padding="same", use_bias=False,
+                                   kernel_initializer="he_normal", name="stem_conv")(centred)
+    features = keras.layers.BatchNormalization(name="stem_bn")(features)
+    features = keras.layers.Activation("relu", name="stem_relu")(features)
+    for stage, filters in enumerate((16, 32, 64), start=1):
+        for block in range(blocks_per_stage):
+            stride = 2 if stage > 1 and block == 0 else 1
+            features = _residual_block(features, filters, stride, f"stage{stage}_block{block}")
+    features = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+    logits = keras.layers.Dense(num_classes, name="logits")(features)
+    return keras.Model(images, logits, name="resnet_cifar")
+
+
+@keras.saving.register_keras_serializable(package="comdefend_tf")
+class CaffeImageNetPreprocess(keras.layers.Layer):
+    """RGB images in [0, 1] -> the BGR, mean-subtracted 0..255 input of Keras' ImageNet ResNet50.
+
+    Input float ``[B, H, W, 3]`` (or ``[B, H, W, 1]``, repeated to three channels); output float
+    ``[B, H, W, 3]`` with values in about [-124, 152].
+    """
+
+    def call(self, images):
+        if images.shape[-1] == 1:
+            images = ops.concatenate([images] * 3, axis=-1)
+        bgr = ops.flip(images, axis=-1) * 255.0
+        return bgr - ops.convert_to_tensor(_CAFFE_BGR_MEANS, dtype=bgr.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (3,)
+
+
+def _resnet50(image_shape, num_classes, weights_path):
+    images = keras.Input(image_shape, name="images")
+    preprocessed = CaffeImageNetPreprocess(name="caffe_preprocess")(images)
+    input_shape = tuple(image_shape[:2]) + (3,)
+    if weights_path is not None and not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"no ResNet50 weights file at {weights_path!r}")
+    full_top = weights_path is None and num_classes == 1000
+    if weights_path is not None:
+        # A file with the 1000-class head loads into include_top=True, a headless one into
+        # include_top=False: try the matching layout first.
+        backbone = None
+        for include_top in (num_classes == 1000, num_classes != 1000):
+            candidate = keras.applications.ResNet50(
+                weights=None, include_top=include_top, input_shape=input_shape,
+                pooling=None if include_top else "avg", classifier_activation=None)
+            try:
+                candidate.load_weights(weights_path)
+            except (ValueError, KeyError) as error:
+                last_error = error
+                continue
+            backbone, full_top = candidate, include_top
+            break
+        if backbone is None:
+            raise ValueError(f"{weights_path!r} holds neither ResNet50 weights with the ImageNet "
+                             f"head nor without it: {last_error}")
+        if full_top and num_classes != 1000:
+            raise ValueError(f"{weights_path!r} has the 1000-class ImageNet head but the data "
+                             f"has {num_classes} classes")
+    else:
+        backbone = keras.applications.ResNet50(
+            weights=None, include_top=full_top, input_shape=input_shape,
+            pooling=None if full_top else "avg", classes=1000, classifier_activation=None)
+    features = backbone(preprocessed)
+    logits = features if full_top else keras.layers.Dense(num_classes, name="logits")(features)
+    return keras.Model(images, logits, name="resnet50")
+
+
+# ------------------------------------------------------------------------ train, save, load
+def predict_logits(classifier, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits float32 ``[n, num_classes]`` of ``images`` float32 ``[n, H, W, C]`` in [0, 1]."""
+    outputs = [np.asarray(classifier(images[start:start + batch_size], training=False))
+               for start in range(0, len(images), batch_size)]
+    return np.concatenate(outputs).astype(np.float32)
+
+
+def accuracy(classifier, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> float:
+    """Share of ``images`` (float32 ``[n, H, W, C]`` in [0, 1]) whose argmax logit equals
+    ``labels`` (int ``[n]``), in [0, 1]."""
+    predictions = np.argmax(predict_logits(classifier, images, batch_size), axis=-1)
+    return float(np.mean(predictions == np.asarray(labels)))
+
+
+def _compile(model, learning_rate):
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+
+
+def train_classifier(image_data: data_lib.ImageData, model_dir: str, architecture: str = "auto",
+                     epochs: int = 5, batch_size: int = 64, learning_rate: float = 1e-3,
+                     strategy: str | tf.distribute.Strategy = "default", seed: int = 0,
+                     weights_path: str | None = None, steps_per_epoch: int | None = None,
+                     verbose: int | str = "auto",
+                     extra_callbacks: list | None = None) -> tuple[keras.Model, dict]:
+    """Trains a classifier on ``image_data.train`` with cross-entropy on logits and saves it.
+
+    Uses ``fit`` with ``BackupAndRestore`` (a killed run restarted with the same ``model_dir``
+    resumes at the epoch it was in), ``TensorBoard`` and ``TerminateOnNaN``, like
+    ``comdefend_tf.training.train_comdefend``. Writes ``model_dir/classifier.keras`` and
+    ``metrics.json`` (``held_out_accuracy`` in [0, 1], the history, the settings).
+
+    Args:
+      image_data: a labelled source from ``comdefend_tf.data.load_dataset``.
+      model_dir: output directory.
+      architecture: a name from ``ARCHITECTURES``.
+      epochs, batch_size, learning_rate: Adam training settings.
+      strategy: ``default`` or ``mirrored`` (or a strategy object). ``multi_worker`` is refused:
+        Keras 3 ``fit`` fails under ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585).
+      seed: seeds initialisation and shuffling.
+      weights_path: local ResNet50 weights (see ``build_classifier``).
+      steps_per_epoch: cap on steps per epoch (None: one pass).
+      verbose: Keras progress-bar verbosity.
+      extra_callbacks: more Keras callbacks.
+
+    Returns:
+      ``(classifier, metrics)``.
+
+    Raises:
+      ValueError: unlabelled data, bad settings or an unsupported strategy.
+    """
+    if not image_data.num_classes:
+        raise ValueError(f"dataset {image_data.name!r} has no labels; a classifier needs labels")
+    if epochs < 1 or batch_size < 1 or learning_rate <= 0:
+        raise ValueError(f"epochs and batch_size must be >= 1 and learning_rate > 0, got "
+                         f"{epochs}, {batch_size}, {learning_rate}")
+    if isinstance(strategy, str):
+        strategy = training.make_strategy(strategy)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        raise ValueError("classifier training supports the default and mirrored strategies; "
+                         "Keras 3 fit fails under MultiWorkerMirroredStrategy "
+                         "(keras-team/keras#20585)")
+    keras.utils.set_random_seed(seed)
+    os.makedirs(model_dir, exist_ok=True)
+    architecture = choose_architecture(image_data.image_shape, architecture)
+    with strategy.scope():
+        classifier = build_classifier(image_data.image_shape, image_data.num_classes,
+                                      architecture, weights_path=weights_path)
+        _compile(classifier, learning_rate)
+    train = data_lib.batched(image_data.train, batch_size, shuffle=True, seed=seed,
+                             drop_remainder=True)
+    test = data_lib.batched(image_data.test, batch_size)
+    if steps_per_epoch is None and image_data.num_train:
+        steps_per_epoch = image_data.num_train // batch_size
+    if steps_per_epoch:
+        train = train.repeat()
+    callbacks = [
+        keras.callbacks.BackupAndRestore(os.path.join(model_dir, training.BACKUP_SUBDIR)),
+        keras.callbacks.TensorBoard(os.path.join(model_dir, training.LOG_SUBDIR),
+                                    profile_batch=0),
+        keras.callbacks.TerminateOnNaN(),
+        training._EpochTimer(steps_per_epoch * batch_size if steps_per_epoch else None),
+    ] + list(extra_callbacks or [])
+    start = time.perf_counter()
+    history = classifier.fit(train, validation_data=test, epochs=epochs,
+                             steps_per_epoch=steps_per_epoch, callbacks=callbacks,
+                             verbose=verbose)
+    seconds = time.perf_counter() - start
+    held_out = classifier.evaluate(test, verbose=0, return_dict=True)
+    metrics = {
+        "held_out_accuracy": float(held_out["accuracy"]),
+        "held_out_loss": float(held_out["loss"]),
+        "num_held_out": image_data.num_test,
+        "architecture": architecture, "dataset": image_data.name,
+        "image_shape": list(image_data.image_shape), "num_classes": image_data.num_classes,
+        "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+        "steps_per_epoch": steps_per_epoch, "seed": seed, "train_seconds": seconds,
+        "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
+        "history": {key: [float(v) for v in values] for key, values in history.history.items()},
+    }
+    save_classifier(classifier, model_dir, metrics)
+    return classifier, metrics
+
+
+def save_classifier(classifier: keras.Model, model_dir: str, metrics: dict | None = None) -> str:
+    """Writes ``model_dir/classifier.keras`` and ``metrics.json`` through temporary files and
+    renames, so an interrupted save never leaves a truncated model. Returns the ``.keras`` path."""
+    os.makedirs(model_dir, exist_ok=True)
+    keras_path = os.path.join(model_dir, KERAS_FILENAME)
+    partial = os.path.join(model_dir, ".partial." + KERAS_FILENAME)
+    classifier.save(partial)
+    os.replace(partial, keras_path)
+    write_json_atomic(os.path.join(model_dir, METRICS_FILENAME), metrics or {})
+    return keras_path
+
+
+def load_classifier(path: str) -> keras.Model:
+    """Loads a ``.keras`` classifier file, or ``classifier.keras`` inside a model directory.
+
+    Raises:
+      FileNotFoundError: naming the path, when neither exists.
+      ValueError: when the file cannot be loaded or its output is not 2-D logits.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, KERAS_FILENAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no classifier at {path!r} (expected a .keras file or a "
+                                f"directory holding {KERAS_FILENAME}; train one with "
+                                "python -m train.train_classifier)")
+    try:
+        classifier = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as error:  # keras raises many types for a corrupt zip
+        raise ValueError(f"cannot load a Keras model from {path!r}: {error}") from error
+    if len(classifier.output_shape) != 2:
+        raise ValueError(f"{path!r} outputs shape {classifier.output_shape}, not logits "
+                         "[batch, num_classes]")
+    return classifier
