@@ -226,7 +226,12 @@ def _load_tfds(name, data_dir, manual_dir, download, image_size) -> ImageData:
     num_classes = info.features["label"].num_classes
     return ImageData(name, train.map(to_float, num_parallel_calls=tf.data.AUTOTUNE),
                      test.map(to_float, num_parallel_calls=tf.data.AUTOTUNE), shape, num_classes,
-                     info.splits["train"].num_examples, info.splits[test_split].num_examples)
+                     _cardinality(train), _cardinality(test))
+
+
+def _cardinality(dataset: tf.data.Dataset) -> int | None:
+    count = int(dataset.cardinality())
+    return count if count >= 0 else None
 
 
 def _convert(data: ImageData, image_size, color_mode) -> ImageData:

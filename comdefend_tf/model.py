@@ -32,13 +32,14 @@ from comdefend_tf.layers import CodeNoise, StraightThroughBinarize
 KERAS_FILENAME = "comdefend.keras"
 
 
-def _conv(filters: int, fan_in_channels: int, activation, name: str) -> keras.layers.Conv2D:
+def _conv(filters: int, fan_in_channels: int, activation, name: str,
+          dtype=None) -> keras.layers.Conv2D:
     # The release initialises kernels with a truncated normal of stddev sqrt(2 / fan_in).
     stddev = math.sqrt(2.0 / (9 * fan_in_channels))
     return keras.layers.Conv2D(
         filters, 3, padding="same", activation=activation, name=name,
         kernel_initializer=keras.initializers.TruncatedNormal(stddev=stddev),
-        bias_initializer="zeros")
+        bias_initializer="zeros", dtype=dtype)
 
 
 def _conv_stack(inputs, in_channels: int, widths: Sequence[int], out_channels: int,
@@ -47,8 +48,10 @@ def _conv_stack(inputs, in_channels: int, widths: Sequence[int], out_channels: i
     for index, width in enumerate(widths, start=1):
         features = _conv(width, channels, "elu", f"{prefix}_conv{index}")(features)
         channels = width
+    # The output convolution stays float32 under a mixed policy (comdefend_tf.precision): the
+    # code bits are thresholded, and the purified images returned, in float32.
     return _conv(out_channels, channels, out_activation,
-                 f"{prefix}_conv{len(widths) + 1}")(features)
+                 f"{prefix}_conv{len(widths) + 1}", dtype="float32")(features)
 
 
 def build_comcnn(config: ComDefendConfig) -> keras.Model:

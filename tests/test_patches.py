@@ -1,0 +1,85 @@
+"""Patch-wise purification: geometry, equality with whole-image purification, memory bound."""
+
+import numpy as np
+import pytest
+
+from comdefend_tf.config import get_config
+from comdefend_tf.model import ComDefend
+from comdefend_tf.patches import purify_patchwise, receptive_field_radius
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ComDefend(get_config("tiny"), seed=0)
+
+
+def _images(shape, seed=0):
+    return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+def test_receptive_field_radius_counts_convolutions():
+    assert receptive_field_radius(get_config("paper")) == 18
+    assert receptive_field_radius(get_config("tiny")) == 6
+
+
+@pytest.mark.parametrize("shape, patch", [((2, 45, 37, 3), 16), ((1, 20, 20, 3), 7),
+                                          ((1, 9, 30, 3), 32)])
+def test_overlap_of_the_receptive_field_equals_whole_image(model, shape, patch):
+    images = _images(shape)
+    whole = np.asarray(model(images))
+    overlap = receptive_field_radius(model.config)
+    tiled = np.asarray(purify_patchwise(model, images, patch, overlap, batch_size=3))
+    assert tiled.shape == shape
+    np.testing.assert_allclose(tiled, whole, atol=1e-6)
+
+
+def test_without_overlap_interior_of_each_tile_matches_whole_image(model):
+    images = _images((1, 64, 64, 3), seed=1)
+    whole = np.asarray(model(images))
+    tiled = np.asarray(purify_patchwise(model, images, 32, 0))
+    radius = receptive_field_radius(model.config)
+    # Pixels farther than the receptive field from every tile edge see the same context.
+    interior = np.zeros((64, 64), bool)
+    for start in (0, 32):
+        interior[start + radius:start + 32 - radius, :] = True
+    interior &= interior.T
+    np.testing.assert_allclose(tiled[0][interior], whole[0][interior], atol=1e-6)
+    assert np.abs(tiled - whole).max() > 1e-3  # seams exist: tiles are purified alone
+
+
+def test_release_tiling_purifies_each_tile_alone(model):
+    images = _images((1, 64, 96, 3), seed=2)
+    tiled = np.asarray(purify_patchwise(model, images, 32, 0))
+    tile = images[:, 32:64, 64:96]
+    np.testing.assert_allclose(tiled[:, 32:64, 64:96], np.asarray(model(tile)), atol=1e-6)
+
+
+def test_uneven_edges_are_covered_without_padding(model):
+    images = _images((1, 40, 50, 3), seed=3)
+    tiled = np.asarray(purify_patchwise(model, images, 32, 0))
+    assert tiled.shape == images.shape
+    # The last column of tiles is moved inward to end at the image edge.
+    np.testing.assert_allclose(tiled[:, 32:40, 32:50],
+                               np.asarray(model(images[:, 8:40, 18:50]))[:, 24:, 14:], atol=1e-6)
+
+
+def test_memory_is_bounded_by_the_patch_batch(model):
+    calls = []
+
+    def recording_purifier(windows):
+        calls.append(windows.shape)
+        return model(windows)
+
+    purify_patchwise(recording_purifier, _images((2, 64, 64, 3)), 16, 4, batch_size=5)
+    assert sum(shape[0] for shape in calls) == 2 * 16
+    assert max(shape[0] for shape in calls) <= 5
+    assert all(tuple(shape[1:]) == (24, 24, 3) for shape in calls)  # 16 + 2 * 4 context
+
+
+def test_bad_arguments_are_refused(model):
+    with pytest.raises(ValueError, match="patch_size"):
+        purify_patchwise(model, _images((1, 8, 8, 3)), 0)
+    with pytest.raises(ValueError, match="overlap"):
+        purify_patchwise(model, _images((1, 8, 8, 3)), 4, -1)
+    with pytest.raises(ValueError, match=r"\[batch, height, width, channels\]"):
+        purify_patchwise(model, _images((8, 8, 3)), 4)
