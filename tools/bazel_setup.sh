@@ -80,5 +80,6 @@ test --test_env=COMDEFEND_REFERENCE_DIR=${reference_dir}
 RC_EOF
 mv -f "${tmp_rc}" "${repo_root}/.bazelrc.local"
 
-echo "bazel_setup: $(bazel --version 2>/dev/null | tail -n 1 || true);" \
+bazel_version="$(dpkg-query -W -f '${Version}' bazel-bootstrap 2>/dev/null || bazel --version 2>/dev/null | tail -n 1 || true)"
+echo "bazel_setup: bazel ${bazel_version};" \
      "python ${python_bin}; reference dir ${reference_dir}$([[ -d "${reference_dir}" ]] || echo ' (absent: those tests will skip)')" >&2
