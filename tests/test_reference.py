@@ -339,7 +339,7 @@ def test_rgb_patch_parity(rgb_model, rgb_patches, order):
     from_stored_bits = _numpy(rgb_model.decoder(stored_bits.astype(np.float32)))
     np.testing.assert_allclose(from_stored_bits, rgb_patches["purified" + suffix], rtol=0,
                                atol=PURIFIED_ATOL)
-    soft = _numpy(rgb_model.forward(inputs, mode="soft")["purified"])
+    soft = _numpy(rgb_model.decoder(outputs["soft_code"]))  # the soft path, sigma 0
     np.testing.assert_allclose(soft, rgb_patches["soft_purified" + suffix], rtol=0,
                                atol=SOFT_ATOL)
     if np.array_equal(our_bits, stored_bits):  # end to end through our own bits
@@ -379,11 +379,14 @@ def test_rgb_image_parity_patchwise_and_whole(reference_dir, rgb_model):
         images = dict(data)
     inputs = images["inputs"]
 
-    patchwise = _numpy(purify_patchwise(lambda tiles: rgb_model(tiles), inputs, patch_size=32))
-    tile_logits = _numpy(purify_patchwise(lambda tiles: rgb_model.encoder(tiles), inputs,
-                                          patch_size=32))
-    whole_logits = _numpy(rgb_model.encoder(inputs))
-    whole = _numpy(rgb_model(inputs))
+    def purified_and_logits(batch):
+        outputs = rgb_model.forward(batch, mode="hard")
+        return np.concatenate([_numpy(outputs["purified"]), _numpy(outputs["code_logits"])], -1)
+
+    tiled = _numpy(purify_patchwise(purified_and_logits, inputs, patch_size=32))
+    whole = purified_and_logits(inputs)
+    patchwise, tile_logits = tiled[..., :3], tiled[..., 3:]
+    whole, whole_logits = whole[..., :3], whole[..., 3:]
     for ours, logits, key in ((patchwise, tile_logits, "purified_patchwise"),
                               (whole, whole_logits, "purified_whole")):
         # A bit whose logit is within the float32 error of 0 may flip (the README saw one in
@@ -438,7 +441,3 @@ def test_import_binary_writes_a_model_dir_that_loads(reference_dir, gray_model, 
     probe = np.random.default_rng(0).uniform(0, 1, (2, 12, 12, 1)).astype(np.float32)
     np.testing.assert_array_equal(_numpy(loaded.encoder(probe)),
                                   _numpy(gray_model.encoder(probe)))
-
-    again = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                           timeout=300)
-    assert again.returncode == 1 and "--overwrite" in again.stderr
