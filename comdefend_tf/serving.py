@@ -57,7 +57,6 @@ SIGNATURE_CLASSIFY = "classify"
 SIGNATURE_DEFAULT = "serving_default"
 INPUT_IMAGES = "images"
 INPUT_IMAGE_BYTES = "image_bytes"
-CLASSIFIER_FILENAME = "classifier.keras"
 EXPORT_METADATA_FILENAME = "comdefend_export.json"
 CLASSIFIER_OUTPUTS = ("auto", "logits", "probabilities")
 
@@ -312,7 +311,8 @@ def classifier_emits_probabilities(classifier: keras.Model) -> bool:
     return getattr(activation, "__name__", "") == "softmax"
 
 
-def _classifier_height_width(classifier: keras.Model) -> tuple[int, int] | None:
+def classifier_height_width(classifier: keras.Model) -> tuple[int, int] | None:
+    """The classifier's static input (height, width), or None when it accepts any size."""
     try:
         shape = tuple(classifier.inputs[0].shape)
     except (AttributeError, IndexError, TypeError, ValueError):
@@ -322,8 +322,27 @@ def _classifier_height_width(classifier: keras.Model) -> tuple[int, int] | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class ServingFunctions:
+    """What ``build_serving_functions`` returns.
+
+    Attributes:
+      signatures: signature name -> ``tf.function`` with an input signature, in export order
+        (``serving_default``'s target first): ``classify`` (with a classifier), ``purify``,
+        ``purify_bytes``.
+      purify_core: the shared core, float32 ``[None, None, None, C]`` -> dict(purified,
+        code_bits); no validation, not a signature of its own.
+      purifier: the Keras model the functions call (the input purifier, or a weight-sharing
+        copy with the export's inference noise).
+    """
+
+    signatures: dict
+    purify_core: object
+    purifier: ComDefend
+
+
 def build_serving_functions(purifier: ComDefend, classifier: keras.Model | None = None,
-                            settings: ExportSettings = ExportSettings()) -> dict:
+                            settings: ExportSettings = ExportSettings()) -> ServingFunctions:
     """The serving ``tf.function``s, keyed by signature name, ``serving_default``'s target first.
 
     Args:
@@ -334,9 +353,7 @@ def build_serving_functions(purifier: ComDefend, classifier: keras.Model | None 
       settings: the export settings.
 
     Returns:
-      dict name -> ``tf.function`` with an input signature: ``classify`` (when a classifier is
-      given), ``purify``, ``purify_bytes``, and ``purify_core`` (the shared core, float32
-      ``[None, None, None, C]``, no validation; not exported as a signature).
+      a ``ServingFunctions``.
     """
     config = purifier.config
     if settings.inference_noise_std is not None or settings.noise_seed is not None:
@@ -378,9 +395,9 @@ def build_serving_functions(purifier: ComDefend, classifier: keras.Model | None 
                          fn_output_signature=tf.TensorSpec([], tf.string))
         return {"purified_png_bytes": pngs}
 
-    functions = {}
+    signatures = {}
     if classifier is not None:
-        height_width = _classifier_height_width(classifier)
+        height_width = classifier_height_width(classifier)
         if settings.classifier_outputs == "auto":
             emits_probabilities = classifier_emits_probabilities(classifier)
         else:
@@ -395,12 +412,10 @@ def build_serving_functions(purifier: ComDefend, classifier: keras.Model | None 
             return {"probabilities": probabilities,
                     "class_ids": tf.argmax(probabilities, axis=-1, output_type=tf.int64)}
 
-        functions[SIGNATURE_CLASSIFY] = classify
-    functions[SIGNATURE_PURIFY] = purify
-    functions[SIGNATURE_PURIFY_BYTES] = purify_bytes
-    functions["purify_core"] = purify_core
-    functions["_purifier"] = purifier
-    return functions
+        signatures[SIGNATURE_CLASSIFY] = classify
+    signatures[SIGNATURE_PURIFY] = purify
+    signatures[SIGNATURE_PURIFY_BYTES] = purify_bytes
+    return ServingFunctions(signatures, purify_core, purifier)
 
 
 def build_export_archive(purifier: ComDefend, classifier: keras.Model | None = None,
@@ -412,11 +427,10 @@ def build_export_archive(purifier: ComDefend, classifier: keras.Model | None = N
     """
     functions = build_serving_functions(purifier, classifier, settings)
     archive = keras.export.ExportArchive()
-    archive.track(functions.pop("_purifier"))
+    archive.track(functions.purifier)
     if classifier is not None:
         archive.track(classifier)
-    functions.pop("purify_core")
-    for name, function in functions.items():
+    for name, function in functions.signatures.items():
         function.get_concrete_function()
         archive.add_endpoint(name, function)
     return archive
@@ -509,23 +523,19 @@ def export_savedmodel(purifier: ComDefend, export_base: str, classifier: keras.M
     return final
 
 
-def load_classifier(path: str) -> keras.Model:
-    """Loads a Keras classifier from a ``.keras`` file or a folder holding ``classifier.keras``.
-
-    Raises:
-      FileNotFoundError: naming the path, when neither exists.
-    """
-    if os.path.isdir(path):
-        path = os.path.join(path, CLASSIFIER_FILENAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no classifier at {path!r} (expected a .keras file or a "
-                                f"directory holding {CLASSIFIER_FILENAME})")
-    return keras.saving.load_model(path, compile=False)
-
-
-def saved_model_cli_command(version_dir: str, signature: str = SIGNATURE_PURIFY) -> str:
-    """The ``saved_model_cli run`` line a user can try next on an exported version
-    (``images.npy``: float32 ``[batch, height, width, C]`` in [0, 1])."""
-    input_name = INPUT_IMAGE_BYTES if signature == SIGNATURE_PURIFY_BYTES else INPUT_IMAGES
-    return (f"saved_model_cli run --dir {version_dir} --tag_set serve --signature_def "
-            f"{signature} --inputs {input_name}=images.npy")
+def next_step_commands(version_dir: str, channels: int,
+                       height_width: tuple[int, int] = (32, 32)) -> dict:
+    """Shell lines a user can run next on an exported version, keyed ``show``, ``sample``,
+    ``run`` and ``serve`` (the sample writes ``images.npy``: float32 ``[1, H, W, C]`` in [0, 1];
+    ``saved_model_cli run --input_exprs`` takes only Python literals, so arrays go in as .npy)."""
+    height, width = height_width
+    export_base = os.path.dirname(os.path.abspath(version_dir))
+    return {
+        "show": f"saved_model_cli show --all --dir {version_dir}",
+        "sample": ('python -c "import numpy as np; np.save(\'images.npy\', np.random.rand('
+                   f'1, {height}, {width}, {channels}).astype(\'float32\'))"'),
+        "run": (f"saved_model_cli run --dir {version_dir} --tag_set serve --signature_def "
+                f"{SIGNATURE_DEFAULT} --inputs {INPUT_IMAGES}=images.npy"),
+        "serve": (f"tensorflow_model_server --rest_api_port=8501 --model_name=comdefend "
+                  f"--model_base_path={export_base}"),
+    }

@@ -1,0 +1,94 @@
+r"""Exports a trained ComDefend (and optionally a classifier behind it) for TF Serving.
+
+    python -m export.export_savedmodel --comdefend_dir=runs/comdefend \
+        --classifier_dir=runs/classifier --export_base=/abs/path/exports/comdefend
+
+Writes ``EXPORT_BASE/VERSION/`` (a SavedModel in the layout TF Serving watches) atomically:
+built in a hidden temporary folder beside it and renamed into place. ``--version`` defaults to
+one more than the highest existing version; an existing version is only replaced with
+``--overwrite``. Signatures: ``purify`` (float images), ``purify_bytes`` (PNG/JPEG bytes),
+``classify`` (with ``--classifier_dir``) and ``serving_default`` (``classify`` if present, else
+``purify``); see docs/serving.md. Prints the export path and the commands to try it next.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("comdefend_dir", None, "Model directory holding comdefend.keras (from "
+                    "train.train_comdefend or train.import_reference_weights), or a .keras file.")
+flags.DEFINE_string("classifier_dir", None, "Optional model directory holding classifier.keras "
+                    "(from train.train_classifier), or a .keras file. Adds the 'classify' "
+                    "signature and makes it serving_default.")
+flags.DEFINE_string("export_base", None, "Folder TF Serving's --model_base_path points at; "
+                    "versions are written as numbered subfolders.")
+flags.DEFINE_integer("version", None, "Version number to write (default: one more than the "
+                     "highest existing version, 1 for a new folder).", lower_bound=1)
+flags.DEFINE_bool("overwrite", False, "Replace the version folder if it already exists.")
+flags.DEFINE_float("inference_noise_std", None, "Standard deviation of the code noise in the "
+                   "served graph (0: deterministic; the release used 1.0). Default: the "
+                   "model's own setting.", lower_bound=0.0)
+flags.DEFINE_integer("noise_seed", None, "Seed of the served noise generator (only with "
+                     "noise; default random).")
+flags.DEFINE_integer("patch_size", None, "Images are purified in tiles of this many pixels "
+                     "inside the graph (bounds server memory). Default: the library's "
+                     "ExportSettings.patch_size.", lower_bound=1)
+flags.DEFINE_integer("patch_overlap", None, "Context pixels around each tile, purified and "
+                     "discarded. Default: the network's receptive field radius, with which "
+                     "tiled output equals whole-image output; 0 gives seams.", lower_bound=0)
+flags.DEFINE_integer("patch_batch_size", None, "Tiles per network call inside the graph "
+                     "(peak memory grows with it). Default: the library's.", lower_bound=1)
+flags.DEFINE_integer("max_pixels", None, "Requests with more pixels (batch x height x width) "
+                     "are refused with InvalidArgumentError. Default: the library's "
+                     "(4096 x 4096).", lower_bound=1)
+flags.DEFINE_enum("classifier_outputs", None, ["auto", "logits", "probabilities"], "What the "
+                  "classifier's last layer emits; 'auto' treats a softmax last layer as "
+                  "probabilities and anything else as logits. Default: auto.")
+flags.mark_flags_as_required(["comdefend_dir", "export_base"])
+
+
+def settings_from_flags():
+    """ExportSettings with only the flags the user set (library defaults for the rest)."""
+    from comdefend_tf import serving
+
+    given = {name: getattr(FLAGS, name) for name in (
+        "inference_noise_std", "noise_seed", "patch_size", "patch_overlap", "patch_batch_size",
+        "max_pixels", "classifier_outputs") if getattr(FLAGS, name) is not None}
+    return serving.ExportSettings(**given)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from comdefend_tf import classifiers, model as model_lib, serving
+
+    try:
+        settings = settings_from_flags()
+        purifier = model_lib.load_comdefend(FLAGS.comdefend_dir)
+        classifier = (classifiers.load_classifier(FLAGS.classifier_dir)
+                      if FLAGS.classifier_dir else None)
+        version_dir = serving.export_savedmodel(
+            purifier, FLAGS.export_base, classifier=classifier, settings=settings,
+            version=FLAGS.version, overwrite=FLAGS.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"export_savedmodel: {error}", file=sys.stderr)
+        return 1
+
+    signatures = ([serving.SIGNATURE_CLASSIFY] if classifier is not None else []) + [
+        serving.SIGNATURE_PURIFY, serving.SIGNATURE_PURIFY_BYTES]
+    height_width = serving.classifier_height_width(classifier) if classifier else None
+    commands = serving.next_step_commands(version_dir, purifier.config.input_channels,
+                                          height_width or (32, 32))
+    print(f"Exported SavedModel: {version_dir}")
+    print(f"Signatures: {', '.join(signatures)}; serving_default = {signatures[0]}")
+    print(f"Inspect it:  {commands['show']}")
+    print(f"Run it:      {commands['sample']} && {commands['run']}")
+    print(f"Serve it:    {commands['serve']}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
