@@ -1,0 +1,208 @@
+"""Attacks a trained classifier with and without ComDefend and the baseline defenses.
+
+    python -m train.evaluate --dataset=mnist5k --classifier_dir=runs/classifier \
+        --comdefend_dir=runs/comdefend --attacks=fgsm,pgd,cw_l2,deepfool --eps=0.1,0.3 \
+        --output_dir=runs/evaluation
+
+Every row is scored on the same held-out images (the first --num_examples of the dataset's
+fixed held-out split). Threat models: oblivious (the paper's: attack the classifier, then
+defend) and adaptive (attack classifier(defense(x)) through straight-through gradients, with
+EOT over --eot_samples noise draws when the purifier is randomized). Writes results.json,
+results.md (the table printed at the end), accuracy_vs_eps.png and purification_grid.png
+(the paper's Figure 3 layout) into --output_dir.
+"""
+
+import os
+import sys
+import time
+
+from absl import app, flags
+
+from comdefend_tf import attacks as attacks_lib
+from comdefend_tf import classifiers
+from comdefend_tf import data as data_lib
+from comdefend_tf import defenses as defenses_lib
+from comdefend_tf import evaluation
+from comdefend_tf.model import load_comdefend
+from train import flags_common
+
+flags_common.define_data_flags()
+flags.DEFINE_string("classifier_dir", None, "Directory holding classifier.keras "
+                    "(python -m train.train_classifier), or the .keras file.")
+flags.DEFINE_string("comdefend_dir", None, "Directory holding comdefend.keras "
+                    "(python -m train.train_comdefend); needed for the comdefend defense.")
+flags.DEFINE_list("attacks", ["fgsm", "bim", "pgd", "mim", "cw_l2", "deepfool"],
+                  f"Comma list from: {', '.join(attacks_lib.ATTACK_NAMES)}.")
+flags.DEFINE_list("eps", ["0.1", "0.3"], "Comma list of L-inf budgets in [0, 1] (pixel scale "
+                  "[0, 1]; 0.3 is the usual MNIST budget, 8/255 = 0.031 CIFAR's). cw_l2 is "
+                  "minimum-norm and runs once.")
+flags.DEFINE_list("threat_models", list(evaluation.THREAT_MODELS),
+                  "oblivious: attack the classifier, then defend (the paper); adaptive: attack "
+                  "classifier(defense(x)) with straight-through gradients and EOT.")
+flags.DEFINE_list("defenses", list(defenses_lib.DEFENSE_NAMES),
+                  f"Comma list from: {', '.join(defenses_lib.DEFENSE_NAMES)} (none is always "
+                  "included as the undefended reference).")
+flags.DEFINE_integer("num_examples", 100, "Held-out images attacked (the same in every row).",
+                     lower_bound=1)
+flags.DEFINE_integer("batch_size", 128, "Images per attack batch.", lower_bound=1)
+flags.DEFINE_integer("seed", 0, "Seeds attack random starts and the purifier's noise.")
+flags.DEFINE_string("output_dir", None, "Where results.json, results.md and the PNGs go.")
+for _name in ("bim", "pgd", "mim", "cw", "spsa", "deepfool"):
+    _registry_name = "cw_l2" if _name == "cw" else _name
+    flags.DEFINE_integer(f"{_name}_steps", None,
+                         f"Iterations of {_registry_name} (default "
+                         f"{attacks_lib.get_attack(_registry_name).default_steps}; more is "
+                         "stronger and slower).", lower_bound=1)
+flags.DEFINE_integer("cw_binary_search_steps", 3, "C&W binary-search steps over its constant.",
+                     lower_bound=1)
+flags.DEFINE_integer("spsa_samples", 64, "SPSA probes per step (even; more is a better "
+                     "gradient estimate and slower).", lower_bound=2)
+flags.DEFINE_integer("eot_samples", 8, "Noise draws averaged per gradient by adaptive attacks "
+                     "on a randomized purifier (ignored when the purifier is deterministic).",
+                     lower_bound=1)
+flags.DEFINE_float("inference_noise_std", None, "Override the purifier's inference noise std "
+                   "(0 = deterministic; default: the saved model's).", lower_bound=0)
+flags.DEFINE_integer("jpeg_quality", 75, "JPEG defense quality (1..100; lower removes more).",
+                     lower_bound=1, upper_bound=100)
+flags.DEFINE_integer("bit_depth", 4, "Bit-depth defense: bits per channel (1..8; Xu et al. use "
+                     "1 for MNIST).", lower_bound=1, upper_bound=8)
+flags.DEFINE_integer("median_size", 3, "Median-filter defense window (pixels per side).",
+                     lower_bound=1, upper_bound=15)
+flags.DEFINE_integer("grid_examples", 4, "Examples in purification_grid.png.", lower_bound=1)
+flags.mark_flags_as_required(["classifier_dir", "output_dir"])
+
+FLAGS = flags.FLAGS
+
+
+def _check_subset(values, allowed, flag):
+    unknown = [value for value in values if value not in allowed]
+    if unknown or not values:
+        raise flags.ValidationError(f"--{flag} must list names from {', '.join(allowed)}; "
+                                    f"got {', '.join(unknown) or 'nothing'}")
+    return True
+
+
+flags.register_validator("attacks", lambda v: _check_subset(v, attacks_lib.ATTACK_NAMES,
+                                                            "attacks"))
+flags.register_validator("threat_models", lambda v: _check_subset(
+    v, evaluation.THREAT_MODELS, "threat_models"))
+flags.register_validator("defenses", lambda v: _check_subset(v, defenses_lib.DEFENSE_NAMES,
+                                                             "defenses"))
+
+
+@flags.validator("eps")
+def _check_eps(values):
+    try:
+        numbers = [float(value) for value in values]
+    except ValueError as error:
+        raise flags.ValidationError(f"--eps must be numbers, got {values}") from error
+    if not numbers or any(not 0.0 <= number <= 1.0 for number in numbers):
+        raise flags.ValidationError(f"--eps values must be in [0, 1] (pixel scale), got {values}")
+    return True
+
+
+@flags.validator("classifier_dir")
+def _check_classifier(path):
+    if path is None:
+        return True
+    keras_path = (os.path.join(path, classifiers.KERAS_FILENAME) if os.path.isdir(path)
+                  else path)
+    if not os.path.isfile(keras_path):
+        raise flags.ValidationError(f"--classifier_dir: no classifier at {keras_path} (train "
+                                    "one with python -m train.train_classifier)")
+    return True
+
+
+@flags.multi_flags_validator(["defenses", "comdefend_dir"])
+def _check_comdefend(values):
+    if "comdefend" in values["defenses"] and not values["comdefend_dir"]:
+        raise flags.ValidationError("--defenses includes comdefend but --comdefend_dir is not "
+                                    "set (train one with python -m train.train_comdefend, or "
+                                    "drop comdefend from --defenses)")
+    return True
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    started = time.perf_counter()
+    try:
+        image_data = flags_common.load_data_from_flags()
+    except data_lib.DataError as error:
+        sys.exit(f"error: {error}")
+    if not image_data.num_classes:
+        raise app.UsageError(f"--dataset={FLAGS.dataset} has no labels; attacks need labels")
+    try:
+        classifier = classifiers.load_classifier(FLAGS.classifier_dir)
+        purifier = None
+        if "comdefend" in FLAGS.defenses:
+            purifier = load_comdefend(FLAGS.comdefend_dir,
+                                      inference_noise_std=FLAGS.inference_noise_std,
+                                      seed=FLAGS.seed)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    expected = tuple(classifier.input_shape[1:])
+    if None not in expected and tuple(image_data.image_shape) != expected:
+        sys.exit(f"error: the classifier takes images of shape {expected} but --dataset "
+                 f"{FLAGS.dataset} gives {tuple(image_data.image_shape)}; pass --image_size/"
+                 "--color_mode or the matching classifier")
+    if classifier.output_shape[-1] != image_data.num_classes:
+        sys.exit(f"error: the classifier has {classifier.output_shape[-1]} outputs but the "
+                 f"dataset has {image_data.num_classes} classes")
+    if purifier is not None and purifier.config.input_channels != image_data.channels:
+        sys.exit(f"error: the ComDefend model takes {purifier.config.input_channels}-channel "
+                 f"images but the dataset has {image_data.channels}")
+    import keras
+
+    keras.utils.set_random_seed(FLAGS.seed)
+    images, labels = data_lib.take_arrays(image_data.test, FLAGS.num_examples)
+    defenses = {name: defenses_lib.make_defense(
+        name, purifier=purifier, jpeg_quality=FLAGS.jpeg_quality, bit_depth=FLAGS.bit_depth,
+        median_size=FLAGS.median_size) for name in dict.fromkeys(["none"] + FLAGS.defenses)}
+    steps = {"bim": FLAGS.bim_steps, "pgd": FLAGS.pgd_steps, "mim": FLAGS.mim_steps,
+             "cw_l2": FLAGS.cw_steps, "spsa": FLAGS.spsa_steps,
+             "deepfool": FLAGS.deepfool_steps}
+    options = {"cw_l2": {"binary_search_steps": FLAGS.cw_binary_search_steps},
+               "spsa": {"spsa_samples": FLAGS.spsa_samples}}
+    options = {name: value for name, value in options.items() if name in FLAGS.attacks}
+    noise = purifier.config.inference_noise_std if purifier is not None else None
+    print(f"Evaluating on {len(images)} held-out images of {image_data.name} "
+          f"{image_data.image_shape}: attacks {', '.join(FLAGS.attacks)}; eps "
+          f"{', '.join(FLAGS.eps)}; threat models {', '.join(FLAGS.threat_models)}; defenses "
+          f"{', '.join(defenses)}" + (f"; purifier inference noise std {noise}"
+                                      if purifier is not None else ""))
+    try:
+        result = evaluation.evaluate(
+            classifier, defenses, images, labels, FLAGS.attacks, [float(e) for e in FLAGS.eps],
+            threat_models=FLAGS.threat_models, steps=steps, eot_samples=FLAGS.eot_samples,
+            batch_size=FLAGS.batch_size, attack_options=options)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    seconds = time.perf_counter() - started
+    metadata = {"dataset": image_data.name, "classifier": FLAGS.classifier_dir,
+                "comdefend": FLAGS.comdefend_dir, "seed": FLAGS.seed,
+                "purifier_inference_noise_std": noise, "wall_seconds": round(seconds, 1)}
+    paths = evaluation.write_results(result, FLAGS.output_dir, metadata)
+    plot_path = evaluation.plot_accuracy_vs_eps(
+        result, os.path.join(FLAGS.output_dir, evaluation.ACCURACY_PLOT))
+    grid_path = os.path.join(FLAGS.output_dir, evaluation.GRID_PLOT)
+    if result.examples is not None:
+        adversarial, title = result.examples["adversarial"], (
+            f"{result.examples['attack']} eps {result.examples['eps']:g}")
+    else:
+        adversarial, title = images, "clean (no bounded attack)"
+    other = next((defenses[name] for name in defenses if name != "none"), None)
+    evaluation.plot_purification_grid(grid_path, images, adversarial, classifier,
+                                      purifier=purifier, defense=other, title=title,
+                                      count=FLAGS.grid_examples)
+    print()
+    print(evaluation.format_table(result.rows))
+    print()
+    print("Clean accuracy: " + ", ".join(f"{name} {100 * value:.1f} %"
+                                         for name, value in result.clean_accuracy.items()))
+    print(f"Wrote {paths['markdown']}, {paths['json']}, {plot_path} and {grid_path} "
+          f"({seconds:.0f} s)")
+
+
+if __name__ == "__main__":
+    app.run(main)
