@@ -24,6 +24,7 @@ adversarial image. A negative margin means the (averaged) prediction is wrong.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -172,7 +173,8 @@ class APGDResult:
         (best margin >= 0) after each step; flat at the end = converged for this budget.
       loss_curve: float ``[restarts, steps + 1]``: mean loss of the current iterates.
       step_sizes: float ``[restarts, steps]``: mean step size per iteration.
-      zero_gradient_fraction: fraction of (example, step) gradients that were exactly 0.
+      zero_gradient_fraction: fraction of gradients that were exactly 0 among the (example,
+        step) pairs where the example was not yet broken (margin >= 0 at that point).
       nonfinite_gradients: number of gradients with a NaN or Inf entry (should be 0).
       gradient_calls: number of model calls made for gradients.
     """
@@ -200,8 +202,11 @@ def _apgd_once(model, images, labels, eps, norm, steps, loss, eot_iter, target_l
         finite = tf.reduce_all(tf.math.is_finite(gradient), axis=[1, 2, 3])
         nonzero = tf.reduce_any(tf.not_equal(gradient, 0.0), axis=[1, 2, 3])
         stats["nonfinite"] += int(tf.reduce_sum(tf.cast(~finite, tf.int32)))
-        stats["zero"] += int(tf.reduce_sum(tf.cast(~nonzero, tf.int32)))
-        stats["total"] += batch
+        # A zero gradient only matters where the example is not yet broken: DLR is constant
+        # (= 1) once the true class ranks third, which is success, not masking.
+        unbroken = point_margin >= 0
+        stats["zero"] += int(tf.reduce_sum(tf.cast(~nonzero & unbroken, tf.int32)))
+        stats["total"] += int(tf.reduce_sum(tf.cast(unbroken, tf.int32)))
         stats["calls"] += eot_iter
         gradient = tf.where(tf.reshape(finite, [-1, 1, 1, 1]), gradient, 0.0)
         return value, point_margin, gradient
@@ -260,7 +265,7 @@ def _apgd_once(model, images, labels, eps, norm, steps, loss, eot_iter, target_l
 def apgd(model, images, labels, eps: float, norm: str = "linf", steps: int = 100,
          loss: str = "ce", restarts: int = 1, eot_iter: int = 1, target_labels=None,
          seed: int = 0, batch_size: int | None = None, progress=None,
-         compile: bool = True) -> APGDResult:
+         compile: bool = True, index_aware: bool = False) -> APGDResult:
     """Runs APGD on ``images`` against ``model``.
 
     Args:
@@ -276,6 +281,9 @@ def apgd(model, images, labels, eps: float, norm: str = "linf", steps: int = 100
       seed: seed of the random starts. batch_size: examples per chunk (default all).
       progress: optional callable ``progress(n)`` told after each chunk of ``n`` examples.
       compile: run each model call inside a ``tf.function`` (faster; False runs eagerly).
+      index_aware: call ``model(images, example_index)`` with int64 ``[B]`` positions of the
+        examples in ``images`` (for a model whose randomness is fixed per example, such as an
+        attacker who knows each example's noise draw).
 
     Returns:
       An ``APGDResult``.
@@ -320,8 +328,11 @@ def apgd(model, images, labels, eps: float, norm: str = "linf", steps: int = 100
                 continue
             index = start + todo
             targets = None if target_labels is None else tf.constant(target_labels[index])
+            call = model
+            if index_aware:
+                call = functools.partial(_call_with_index, model, tf.constant(index))
             found, found_margin, robust, losses, etas = _apgd_once(
-                model, tf.constant(images[index]), tf.constant(labels[index]), float(eps), norm,
+                call, tf.constant(images[index]), tf.constant(labels[index]), float(eps), norm,
                 steps, loss, eot_iter, targets, generator, stats, compiled)
             found_margin = found_margin.numpy()
             better = found_margin < best_margin[index]
@@ -339,6 +350,10 @@ def apgd(model, images, labels, eps: float, norm: str = "linf", steps: int = 100
                       robust_curve=robust_curves, loss_curve=loss_curves, step_sizes=eta_curves,
                       zero_gradient_fraction=stats["zero"] / total,
                       nonfinite_gradients=stats["nonfinite"], gradient_calls=stats["calls"])
+
+
+def _call_with_index(model, index, images):
+    return model(images, index)
 
 
 def top_wrong_classes(logits, labels, rank: int = 1) -> np.ndarray:
