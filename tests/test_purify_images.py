@@ -1,0 +1,198 @@
+"""The purify command: files in, purified PNGs out, and the safety rules around them.
+
+Uses a tiny random ComDefend saved with ``save_comdefend``: the behaviour under test (file
+handling, tiling, channel order, rounding, exit status) does not depend on trained weights.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comdefend_tf import ComDefend, get_config, image_io, load_comdefend, reference, save_comdefend
+from export import purify_images
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_model")
+    model = ComDefend(get_config("tiny"), seed=0)
+    # Random weights give a near-constant output; spread the code logits so the tiny model
+    # really depends on its input (and so rounding and tiling matter).
+    last = model.encoder.get_layer("comcnn_conv3")
+    kernel, bias = last.get_weights()
+    last.set_weights([kernel * 20, bias])
+    save_comdefend(model, str(folder), {"note": "tiny random model for tests"})
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return load_comdefend(model_dir)
+
+
+@pytest.fixture()
+def photos(tmp_path):
+    """A folder with an RGB PNG, a JPEG and a grey PNG, and their uint8 pixels."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    pixels = {"a.png": rng.integers(0, 256, (20, 27, 3), dtype=np.uint8),
+              "b.jpg": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8),
+              "c.png": rng.integers(0, 256, (9, 11), dtype=np.uint8)}
+    for name, values in pixels.items():
+        Image.fromarray(values).save(folder / name)
+    return folder, pixels
+
+
+def _run_cli(*flags):
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, "-m", "export.purify_images", *flags],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+# ------------------------------------------------------------------------- output planning
+def test_plan_maps_names_to_png_in_output_dir(tmp_path, photos):
+    folder, _ = photos
+    inputs = image_io.list_images(str(folder))
+    pairs = purify_images.plan_outputs(inputs, str(tmp_path / "out"))
+    assert [os.path.basename(t) for _, t in pairs] == ["a.png", "b.png", "c.png"]
+
+
+def test_plan_refuses_the_input_folder(photos):
+    folder, _ = photos
+    inputs = image_io.list_images(str(folder))
+    with pytest.raises(purify_images.OutputPlanError, match="never writes into an input"):
+        purify_images.plan_outputs(inputs, str(folder))
+    with pytest.raises(purify_images.OutputPlanError):
+        purify_images.plan_outputs(inputs, str(folder) + "/./")
+
+
+def test_plan_refuses_name_collisions(tmp_path):
+    paths = [str(tmp_path / "x" / "cat.jpg"), str(tmp_path / "y" / "cat.png")]
+    with pytest.raises(purify_images.OutputPlanError, match="both be written"):
+        purify_images.plan_outputs(paths, str(tmp_path / "out"))
+
+
+def test_plan_refuses_existing_outputs_unless_overwrite(tmp_path, photos):
+    folder, _ = photos
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b.png").write_bytes(b"keep me")
+    inputs = image_io.list_images(str(folder))
+    with pytest.raises(purify_images.OutputPlanError, match="--overwrite"):
+        purify_images.plan_outputs(inputs, str(out))
+    assert len(purify_images.plan_outputs(inputs, str(out), overwrite=True)) == 3
+
+
+# ------------------------------------------------------------------------------ purifying
+def test_purify_array_whole_image_equals_the_model(model):
+    image = np.random.default_rng(2).uniform(0, 1, (13, 17, 3)).astype(np.float32)
+    purified = purify_images.purify_array(model, image)
+    np.testing.assert_array_equal(purified, np.asarray(model(image[None]))[0])
+    assert purified.shape == image.shape and purified.dtype == np.float32
+
+
+def test_overlapping_patches_equal_the_whole_image(model):
+    from comdefend_tf.patches import receptive_field_radius
+
+    image = np.random.default_rng(3).uniform(0, 1, (30, 23, 3)).astype(np.float32)
+    whole = purify_images.purify_array(model, image)
+    tiled = purify_images.purify_array(model, image, patch_size=8,
+                                       overlap=receptive_field_radius(model.config))
+    np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-5)
+    seams = purify_images.purify_array(model, image, patch_size=8, overlap=0)
+    assert np.abs(seams - whole).max() > 1e-3  # without context the tiles differ
+
+
+def test_bgr_order_reverses_channels_around_the_network(model):
+    image = np.random.default_rng(4).uniform(0, 1, (8, 8, 3)).astype(np.float32)
+    bgr = purify_images.purify_array(model, image, channel_order="bgr")
+    expected = np.asarray(model(image[None, ..., ::-1].copy()))[0, ..., ::-1]
+    np.testing.assert_array_equal(bgr, expected)
+    assert np.abs(bgr - purify_images.purify_array(model, image)).max() > 1e-3
+
+
+def test_bfloat16_copy_keeps_weights_and_stays_close(model):
+    bf16 = purify_images.model_for_precision(model, "bfloat16")
+    assert bf16 is not model and purify_images.model_for_precision(model, "float32") is model
+    for have, want in zip(bf16.encoder.get_weights(), model.encoder.get_weights()):
+        np.testing.assert_array_equal(have, want)
+    assert bf16.encoder.get_layer("comcnn_conv1").compute_dtype == "bfloat16"
+    image = np.random.default_rng(5).uniform(0, 1, (8, 8, 3)).astype(np.float32)
+    low = purify_images.purify_array(bf16, image)
+    assert low.dtype == np.float32
+    # bf16 keeps about 3 significant digits; bits near 0 may flip, so compare on average.
+    assert np.abs(low - purify_images.purify_array(model, image)).mean() < 0.05
+
+
+def test_purify_files_writes_rounded_pngs_and_reports_psnr(tmp_path, model, photos):
+    folder, pixels = photos
+    pairs = purify_images.plan_outputs(image_io.list_images(str(folder)), str(tmp_path / "o"))
+    os.makedirs(tmp_path / "o")
+    summary = purify_images.purify_files(model, pairs, progress=False)
+    assert summary.failures == [] and len(summary.written) == 3
+
+    written = np.asarray(Image.open(tmp_path / "o" / "a.png"))
+    image = image_io.read_image(str(folder / "a.png"))
+    expected = image_io.to_uint8(np.asarray(model(image[None]))[0])
+    np.testing.assert_array_equal(written, expected)
+    # Grey inputs meet a 3-channel model as three equal channels.
+    assert np.asarray(Image.open(tmp_path / "o" / "c.png")).shape == (9, 11, 3)
+    assert summary.psnr_db[0] == pytest.approx(
+        image_io.psnr_db(image, expected.astype(np.float32) / 255))
+    assert "purified 3 image(s)" in summary.line() and "dB" in summary.line()
+
+
+def test_truncation_reproduces_the_release_conversion(tmp_path, model, photos):
+    folder, _ = photos
+    pairs = [(str(folder / "a.png"), str(tmp_path / "a.png"))]
+    purify_images.purify_files(model, pairs, to_uint8=reference.truncate_to_uint8,
+                               progress=False)
+    image = image_io.read_image(str(folder / "a.png"))
+    expected = reference.truncate_to_uint8(np.asarray(model(image[None]))[0])
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), expected)
+
+
+def test_noise_seed_makes_runs_repeatable(model_dir):
+    image = np.random.default_rng(6).uniform(0, 1, (12, 12, 3)).astype(np.float32)
+    runs = [purify_images.purify_array(load_comdefend(model_dir, inference_noise_std=3.0,
+                                                      seed=seed), image)
+            for seed in (7, 7, 8)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert np.abs(runs[0] - runs[2]).max() > 0
+
+
+# ------------------------------------------------------------------------ the command line
+def test_cli_writes_good_images_names_bad_ones_and_fails(tmp_path, model_dir, photos):
+    folder, _ = photos
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "purified"
+
+    result = _run_cli(f"--model_dir={model_dir}", f"--input={folder}", f"--output_dir={out}",
+                      "--patch_size=8", "--overlap=2", "--noprogress")
+
+    assert result.returncode == 1
+    assert "broken.png" in result.stderr and "error:" in result.stderr
+    assert sorted(os.listdir(out)) == ["a.png", "b.png", "c.png"]
+    assert "purified 3 image(s)" in result.stdout and "1 failed" in result.stdout
+    assert sorted(os.listdir(folder)) == ["a.png", "b.jpg", "broken.png", "c.png"]
+
+    # A second run must not replace the outputs, nor write into the input folder.
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    again = _run_cli(f"--model_dir={model_dir}", f"--input={folder}/*.png",
+                     f"--output_dir={out}", "--noprogress")
+    assert again.returncode == 1 and "--overwrite" in again.stderr
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    into_input = _run_cli(f"--model_dir={model_dir}", f"--input={folder}/a.png",
+                          f"--output_dir={folder}", "--noprogress")
+    assert into_input.returncode == 1 and "input folder" in into_input.stderr
+    assert sorted(os.listdir(folder)) == ["a.png", "b.jpg", "broken.png", "c.png"]
