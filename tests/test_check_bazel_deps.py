@@ -114,3 +114,31 @@ def test_label_to_path_and_aggregates():
     aggregate = checker.PyTarget("//comdefend_tf/attacks:attacks", "py_library", [], [])
     specific = checker.PyTarget("//comdefend_tf/attacks:apgd", "py_library", [], [])
     assert aggregate.is_aggregate and not specific.is_aggregate
+
+
+def test_suggest_writes_stanzas_with_deps_from_imports(tmp_path):
+    _write(tmp_path, {**_REPO, "tests/main.py": "",
+                      "train/serve.py": ("from lib import extra\nfrom train import helper\n"
+                                         "if __name__ == \"__main__\":\n    pass\n"),
+                      "train/helper.py": "from lib.base import numpy\n"})
+    stanzas = checker.suggest_targets(str(tmp_path), _accurate_targets())
+    assert stanzas == [
+        "# train/BUILD\npy_library(\n    name = \"helper\",\n    srcs = [\"helper.py\"],\n"
+        "    deps = [\n        \":package\",\n        \"//lib:core\",\n    ],\n)",
+        "# train/BUILD\npy_binary(\n    name = \"serve\",\n    srcs = [\"serve.py\"],\n"
+        "    deps = [\n        \":helper\",\n        \":package\",\n        \"//lib:extra\",\n"
+        "    ],\n)",
+    ]
+
+
+def test_aggregates_only_need_transitive_completeness(tmp_path):
+    _write(tmp_path, {**_REPO, "tests/main.py": "", "train/train.py": "from lib import extra\n"})
+    targets = _accurate_targets()
+    targets["//train:train"] = checker.PyTarget("//train:train", "py_library",
+                                                ["train/train.py"], ["//train:run"])
+    targets["//train:train"].transitive_srcs = checker._transitive_srcs(
+        "//train:train", targets, {})
+    errors, warnings = checker.check(str(tmp_path), targets)
+    assert errors == ["train/train.py: in no py_library/py_binary/py_test (other than a "
+                      "package-wide aggregate)"]
+    assert warnings == []

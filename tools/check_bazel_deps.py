@@ -9,7 +9,9 @@ and every first-party ``.py`` file with :mod:`ast`, then reports:
 
 * a missing dependency: a target's sources import a first-party module whose file is neither
   in that target's ``srcs`` nor in the ``srcs`` of one of its direct ``deps`` (the package
-  ``__init__.py`` files that Python runs on the way only need to be reachable transitively);
+  ``__init__.py`` files that Python runs on the way, and anything that tests and package-wide
+  aggregates such as ``//comdefend_tf:comdefend_tf`` import, only need to be reachable
+  transitively);
 * a source file that no specific target owns (targets named after their package, such as
   ``//comdefend_tf:comdefend_tf``, are globbing aggregates and do not count);
 * a program (a file in train/, export/, benchmarks/ or tools/ with an
@@ -174,6 +176,8 @@ def check(repo_root: str, targets: dict[str, PyTarget]) -> tuple[list[str], list
         dep_srcs = {dep: set(targets[dep].srcs) if dep in targets else set()
                     for dep in target.deps}
         direct = set(target.srcs).union(*dep_srcs.values())
+        if target.is_aggregate or target.rule_class == "py_test":  # only need completeness
+            direct = target.transitive_srcs
         used_deps = set()
         for source in target.srcs:
             if not source.endswith(".py"):
@@ -218,12 +222,56 @@ def check(repo_root: str, targets: dict[str, PyTarget]) -> tuple[list[str], list
     return errors, warnings
 
 
+def suggest_targets(repo_root: str, targets: dict[str, PyTarget]) -> list[str]:
+    """BUILD stanzas for source files that no specific target owns, deps from their imports.
+
+    Each file becomes ``py_binary`` (a program) or ``py_library`` named after the file, in the
+    BUILD file of its folder; deps name the specific targets owning the files it imports and
+    its package ``__init__.py``. Cycles through ``__init__.py`` need a hand edit.
+    """
+    owner = {src: target.label for target in targets.values() if not target.is_aggregate
+             for src in target.srcs}
+    unowned = [path for path in first_party_files(repo_root)
+               if path not in owner and not os.path.basename(path).startswith("test_")
+               and not path.startswith("tests/")]
+    def target_name(file_name: str) -> str:
+        return "package" if file_name == "__init__.py" else file_name[:-len(".py")]
+
+    for path in unowned:
+        folder, name = os.path.split(path)
+        owner[path] = f"//{folder}:{target_name(name)}"
+    stanzas = []
+    for path in unowned:
+        folder, name = os.path.split(path)
+        needed = set(imported_files(path, repo_root)) | set(package_inits(path, repo_root)[-1:])
+        deps = sorted({owner[file] for file in needed if file != path} - {owner[path]})
+        deps = sorted(deps, key=lambda d: (not d.startswith(f"//{folder}:"), d))
+        local = [d.replace(f"//{folder}:", ":") for d in deps]
+        with open(os.path.join(repo_root, path), encoding="utf-8") as handle:
+            is_program = '__name__ == "__main__"' in handle.read()
+        rule = "py_binary" if is_program and folder in PROGRAM_DIRS else "py_library"
+        lines = [f"# {folder}/BUILD", f"{rule}(", f'    name = "{target_name(name)}",',
+                 f'    srcs = ["{name}"],']
+        if local:
+            lines.append("    deps = [")
+            lines.extend(f'        "{dep}",' for dep in local)
+            lines.append("    ],")
+        lines.append(")")
+        stanzas.append("\n".join(lines))
+    return stanzas
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bazel", default="bazel", help="bazel executable")
+    parser.add_argument("--suggest", action="store_true",
+                        help="print BUILD stanzas for files without a target, then check")
     args = parser.parse_args()
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     targets = query_py_targets(args.bazel, repo_root)
+    if args.suggest:
+        for stanza in suggest_targets(repo_root, targets):
+            print(stanza + "\n")
     errors, warnings = check(repo_root, targets)
     for line in warnings:
         print(f"warning: {line}")
