@@ -32,7 +32,11 @@ LOG_SUBDIR = "logs"
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
     """``default`` (one device), ``mirrored`` (all local GPUs, or logical CPU devices) or
-    ``multi_worker`` (reads the cluster from the ``TF_CONFIG`` environment variable)."""
+    ``multi_worker`` (reads the cluster from the ``TF_CONFIG`` environment variable).
+
+    Create a ``multi_worker`` strategy before TensorFlow runs any op (collective ops are
+    configured at program start-up).
+    """
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":

@@ -14,6 +14,13 @@ def rgb_purifier():
 
 
 @pytest.fixture(scope="module")
+def rgb_signatures(rgb_purifier):
+    """Signatures with a small pixel limit, shared by the validation tests (tracing is slow)."""
+    return serving.build_serving_functions(
+        rgb_purifier, settings=serving.ExportSettings(max_pixels=3000)).signatures
+
+
+@pytest.fixture(scope="module")
 def gray_purifier():
     return ComDefend(get_config("tiny", input_channels=1), seed=4)
 
@@ -84,14 +91,13 @@ def test_chunk_size_does_not_change_the_result(rgb_purifier):
     (np.full((1, 4, 4, 3), -0.1, np.float32), "values in [0, 1]"),
     (np.zeros((2, 40, 40, 3), np.float32), "too many pixels"),
 ])
-def test_bad_float_input_is_refused_with_a_clear_message(rgb_purifier, bad, expected):
-    purify = _signatures(rgb_purifier, max_pixels=3000)["purify"]
+def test_bad_float_input_is_refused_with_a_clear_message(rgb_signatures, bad, expected):
+    purify = rgb_signatures["purify"]
     assert expected in _error_message(lambda: purify(bad))
 
 
-def test_pixel_limit_admits_inputs_at_the_limit(rgb_purifier):
-    purify = _signatures(rgb_purifier, max_pixels=2 * 30 * 50)["purify"]
-    assert purify(_images((2, 30, 50, 3)))["purified"].shape == (2, 30, 50, 3)
+def test_pixel_limit_admits_inputs_at_the_limit(rgb_signatures):
+    assert rgb_signatures["purify"](_images((2, 30, 50, 3)))["purified"].shape == (2, 30, 50, 3)
 
 
 def test_bad_bytes_are_refused(gray_purifier):

@@ -57,6 +57,11 @@ def config_from_flags(channels: int) -> config_lib.ComDefendConfig:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # MultiWorkerMirroredStrategy must exist before TensorFlow runs any op (data loading does).
+    try:
+        strategy = training.make_strategy(FLAGS.strategy)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
     try:
         image_data = flags_common.load_data_from_flags()
     except data_lib.DataError as error:
@@ -68,7 +73,7 @@ def main(argv):
           f"mode {config.train_mode}, strategy {FLAGS.strategy}")
     _, metrics = training.train_comdefend(
         config, image_data, FLAGS.model_dir, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-        learning_rate=FLAGS.learning_rate, strategy=FLAGS.strategy, seed=FLAGS.seed,
+        learning_rate=FLAGS.learning_rate, strategy=strategy, seed=FLAGS.seed,
         steps_per_epoch=FLAGS.steps_per_epoch)
     report = metrics["held_out"]
     print(f"Held-out reconstruction PSNR (dB): {report['psnr_db']:.2f} on "

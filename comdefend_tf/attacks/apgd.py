@@ -45,7 +45,8 @@ def checkpoints(steps: int) -> list[int]:
     fractions = [0.0, 0.22]
     while fractions[-1] < 1.0:
         fractions.append(fractions[-1] + max(fractions[-1] - fractions[-2] - 0.03, 0.06))
-    points = sorted({math.ceil(p * steps) for p in fractions[1:] if p <= 1.0})
+    # Rounded first: 0.41 * 100 is 41.000000000000007 in floating point.
+    points = sorted({math.ceil(round(p * steps, 6)) for p in fractions[1:] if p <= 1.0 + 1e-9})
     return [w for w in points if 0 < w <= steps]
 
 
