@@ -85,5 +85,10 @@ def main(argv):
     print(f"Saved {FLAGS.model_dir}/comdefend.keras (config.json, metrics.json beside it)")
 
 
-if __name__ == "__main__":
+def run():
+    """Console-script entry point (``comdefend-train``)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

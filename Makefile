@@ -1,0 +1,28 @@
+# Two commands on a fresh machine: `make demo` (the main job on embedded data) and `make test`.
+# Both create the virtual environment in .venv on first use and reuse it afterwards.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUNS ?= runs/demo
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-nodeps.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	$(VENV)/bin/pip install --quiet --no-deps -r requirements-nodeps.txt
+	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	bash tools/demo.sh $(RUNS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+clean-demo:
+	rm -rf $(RUNS)
