@@ -48,8 +48,9 @@ flags.DEFINE_enum("channel_order", "rgb", ["rgb", "bgr"], "Channel order fed to 
                   "always written in normal RGB order.")
 flags.DEFINE_integer("seed", None, "Seed of the inference noise (repeatable runs).")
 flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16"], "Compute precision. "
-                  "bfloat16 (Keras mixed_bfloat16 policy: bf16 compute, float32 weights) is "
-                  "faster on CPUs with bf16 units but changes outputs by a few grey levels.")
+                  "bfloat16 (Keras mixed_bfloat16 policy via comdefend_tf.precision: bf16 "
+                  "convolutions, float32 weights, code logits and outputs) is faster on CPUs "
+                  "with bf16 units but changes outputs by a few grey levels.")
 flags.DEFINE_enum("uint8_conversion", "round", ["round", "truncate"], "How outputs become "
                   "uint8: 'round' (correct) or 'truncate', the release's astype(uint8), only to "
                   "reproduce the authors' files.")
@@ -90,28 +91,6 @@ def plan_outputs(input_paths: Sequence[str], output_dir: str,
             raise OutputPlanError(f"{len(existing)} output file(s) already exist (first: "
                                   f"{existing[0]!r}); pass --overwrite to replace them")
     return pairs
-
-
-def model_for_precision(model, precision: str):
-    """``model`` itself for float32; for bfloat16 a copy built under Keras' ``mixed_bfloat16``
-    policy (bf16 compute, float32 variables) holding the same weight values."""
-    if precision == "float32":
-        return model
-    if precision != "bfloat16":
-        raise ValueError(f"precision must be float32 or bfloat16, got {precision!r}")
-    import keras
-
-    from comdefend_tf.model import ComDefend
-
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    try:
-        bf16_model = ComDefend(model.config, seed=model.seed, name=model.name)
-    finally:
-        keras.config.set_dtype_policy(previous)
-    bf16_model.encoder.set_weights(model.encoder.get_weights())
-    bf16_model.decoder.set_weights(model.decoder.get_weights())
-    return bf16_model
 
 
 def purify_array(model, image: np.ndarray, patch_size: int = 0, overlap: int = 0,
@@ -203,7 +182,7 @@ def purify_files(model, pairs: Sequence[tuple[str, str]], patch_size: int = 0, o
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from comdefend_tf import image_io, reference
+    from comdefend_tf import image_io, precision, reference
     from comdefend_tf.model import load_comdefend
 
     def fail(message):
@@ -220,7 +199,7 @@ def _main(argv):
     if FLAGS.channel_order == "bgr" and model.config.input_channels != 3:
         return fail(f"--channel_order=bgr needs a 3-channel model; this one has "
                     f"{model.config.input_channels}")
-    model = model_for_precision(model, FLAGS.precision)
+    model = precision.convert_model(model, FLAGS.precision)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     to_uint8 = (reference.truncate_to_uint8 if FLAGS.uint8_conversion == "truncate"
                 else image_io.to_uint8)
