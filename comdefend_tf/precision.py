@@ -20,9 +20,10 @@ Choosing:
   ``MAX_PSNR_DROP_DB`` of float32's reconstruction PSNR with at most ``MAX_BIT_FLIP_FRACTION``
   of the code bits flipped; float32 otherwise.
 
-A float32-trained model (``.keras`` files record each layer's dtype) is run in bf16 by
-building the same architecture under the policy and copying its weights
-(``convert_model``).
+A float32-trained model runs in bf16 by building the same architecture under the policy and
+copying its weights (``convert_model``); ``ComDefend.from_config`` rebuilds its layers, so a
+``.keras`` file loaded while the policy is set (``apply_precision``, ``policy_scope``) also
+comes back in bf16.
 """
 
 from __future__ import annotations
@@ -219,8 +220,8 @@ def apply_precision(precision: str, cpuinfo_path: str = "/proc/cpuinfo") -> str:
 
     For binaries that build new models (training): ``auto`` becomes ``bfloat16`` where
     ``bf16_hardware_support`` finds bf16 units and ``float32`` elsewhere (no trained model
-    exists yet to run the quality check on). Models built afterwards use the policy; a
-    ``.keras`` file loaded afterwards keeps its recorded dtypes (use ``select_for_inference``).
+    exists yet to run the quality check on). Models built or loaded afterwards use the
+    policy; binaries that purify with a trained model use ``select_for_inference`` instead.
     """
     _check_name(precision)
     if precision == "auto":

@@ -1,0 +1,1 @@
+"""Benchmarks of ComDefend purification and training (see BENCHMARKS.md)."""
