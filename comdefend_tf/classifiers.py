@@ -265,12 +265,13 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
     if epochs < 1 or batch_size < 1 or learning_rate <= 0:
         raise ValueError(f"epochs and batch_size must be >= 1 and learning_rate > 0, got "
                          f"{epochs}, {batch_size}, {learning_rate}")
-    if isinstance(strategy, str):
-        strategy = training.make_strategy(strategy)
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    if strategy == "multi_worker" or isinstance(strategy,
+                                                tf.distribute.MultiWorkerMirroredStrategy):
         raise ValueError("classifier training supports the default and mirrored strategies; "
                          "Keras 3 fit fails under MultiWorkerMirroredStrategy "
                          "(keras-team/keras#20585)")
+    if isinstance(strategy, str):
+        strategy = training.make_strategy(strategy)
     keras.utils.set_random_seed(seed)
     os.makedirs(model_dir, exist_ok=True)
     architecture = choose_architecture(image_data.image_shape, architecture)

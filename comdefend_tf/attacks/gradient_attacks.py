@@ -140,13 +140,17 @@ def cw_l2(model_fn, x, eps=None, steps: int = 100, y=None, batch_size: int = 128
 
 
 def spsa(model_fn, x, eps, steps: int = 20, y=None, batch_size: int = 1,
-         progress: bool = False, spsa_samples: int = 64, learning_rate: float = 0.01,
+         progress: bool = False, spsa_samples: int = 64, learning_rate: float | None = None,
          delta: float = 0.01) -> np.ndarray:
     """SPSA (Uesato et al. 2018), L-inf, gradient-free: ``steps`` Adam steps on a margin loss
-    estimated from ``spsa_samples`` random +/-delta probes. One image at a time (``batch_size``
-    is ignored); needs labels (the model's predictions when ``y`` is None)."""
+    estimated from ``spsa_samples`` random +/-delta probes, from a uniform random start. Adam's
+    first steps move each pixel by about ``learning_rate``, so its default is the iterative
+    attacks' ``2.5 * eps / steps``. One image at a time (``batch_size`` is ignored); needs
+    labels (the model's predictions when ``y`` is None)."""
     eps = _check_eps("spsa", eps)
     del batch_size
+    if learning_rate is None:
+        learning_rate = 2.5 * eps / steps
 
     def attack_one(image, label):
         if label is None:
