@@ -62,6 +62,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRECISIONS = ("float32", "bfloat16")
 
 
+def model_config_name(quick: bool) -> str:
+    """The paper config, or the narrow ``small`` one for a ``--quick`` smoke test."""
+    return "small" if quick else "paper"
+
+
 # ----------------------------------------------------------------------------- helpers
 def conv_flops_per_pixel(config) -> int:
     """FLOPs per pixel of one ComDefend forward pass: 2 * 9 * C_in * C_out per 3x3 conv."""
@@ -207,7 +212,8 @@ def measure_purification(quick: bool, repeats: int) -> list[dict]:
         for name, channels, shape, method, patching in cases:
             key = (precision, channels)
             if key not in models:
-                model = precision_lib.build_comdefend(get_config("paper", input_channels=channels),
+                model = precision_lib.build_comdefend(get_config(model_config_name(quick),
+                                                                 input_channels=channels),
                                                       precision, seed=0)
                 models[key] = (model, tf.function(lambda x, m=model: m(x, training=False)))
             model, purify = models[key]
@@ -249,9 +255,10 @@ def _patchwise_pixels(shape, patch, overlap) -> int:
 
 
 # ---------------------------------------------------------------------------- memory
-def run_memory_probe(size: int, method: str, precision: str, timeout_s: float) -> dict:
+def run_memory_probe(size: int, method: str, precision: str, config_name: str,
+                     timeout_s: float) -> dict:
     command = [sys.executable, "-m", "benchmarks.memory_probe", f"--size={size}",
-               f"--method={method}", f"--precision={precision}"]
+               f"--method={method}", f"--precision={precision}", f"--config={config_name}"]
     env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TF_CPP_MIN_LOG_LEVEL="2")
     try:
@@ -284,18 +291,20 @@ def measure_memory(quick: bool) -> dict:
                    if s <= FLAGS.memory_whole_max_size]
     probes = []
     for size in (small, large):
-        probes.append(run_memory_probe(size, "patchwise", precision, timeout_s=1500))
+        probes.append(run_memory_probe(size, "patchwise", precision, model_config_name(quick),
+                                       timeout_s=1500))
     available = available_memory_mib()
     bytes_per_value = 2 if precision == "bfloat16" else 4
     for size in whole_sizes:
-        estimate_mib = whole_image_bytes_estimate(get_config("paper"), size,
+        estimate_mib = whole_image_bytes_estimate(get_config(model_config_name(quick)), size,
                                                   bytes_per_value) / 2**20
         if available is not None and estimate_mib > 0.5 * available:
             probes.append({"size": size, "method": "whole", "precision": precision,
                            "error": f"skipped: ~{estimate_mib:.0f} MiB of activations > half "
                                     f"of the {available:.0f} MiB available"})
             continue
-        probes.append(run_memory_probe(size, "whole", precision, timeout_s=900))
+        probes.append(run_memory_probe(size, "whole", precision, model_config_name(quick),
+                                       timeout_s=900))
     measured_whole = [p for p in probes if p["method"] == "whole" and "error" not in p]
     extrapolation = None
     if len(measured_whole) >= 2:
@@ -312,7 +321,7 @@ def measure_memory(quick: bool) -> dict:
                         and "error" not in p), None)
     ratio = (patch_large["vm_hwm_mib"] / patch_small["vm_hwm_mib"]
              if patch_small and patch_large else None)
-    return {"precision": precision, "small_size": small, "large_size": large,
+    return {"precision": precision, "config": model_config_name(quick), "small_size": small, "large_size": large,
             "probes": probes, "whole_extrapolation": extrapolation,
             "patchwise_large_over_small": ratio,
             "memory_available_mib_at_start": available}
@@ -335,7 +344,7 @@ def measure_training(quick: bool, steps: int) -> dict:
     test_images, _ = data_lib.take_arrays(photos.test)
     batch_size = 20
     steps = 3 if quick else steps
-    config = get_config("small" if quick else "paper")
+    config = get_config(model_config_name(quick))
     initial = precision_lib.build_comdefend(config, "float32", seed=0).get_weights()
     rng = np.random.default_rng(0)
     order = rng.permutation(len(train_images))
@@ -382,7 +391,7 @@ def measure_serving(quick: bool, calls: int) -> dict:
 
     side = 64 if quick else 224
     calls = 3 if quick else calls
-    model = precision_lib.build_comdefend(get_config("paper"), "float32", seed=0)
+    model = precision_lib.build_comdefend(get_config(model_config_name(quick)), "float32", seed=0)
     image = np.random.default_rng(0).random((1, side, side, 3), dtype=np.float32)
     image_uint8 = np.round(image[0] * 255).astype(np.uint8)
     png = io.BytesIO()
@@ -530,7 +539,7 @@ def markdown(results: dict) -> str:
     ceilings = results["ceiling_best_gflops"]
     lines += ["", f"Best ceiling per precision (the denominator below): float32 "
               f"{ceilings['float32']:.0f} GFLOP/s, bfloat16 {ceilings['bfloat16']:.0f} GFLOP/s.",
-              "", "## Purification throughput (paper config, random images)", "",
+              "", f"## Purification throughput ({results['config']} config, random images)", "",
               f"FLOPs: 2*9*C_in*C_out per pixel per 3x3 conv = "
               f"{results['flops_per_pixel_rgb'] / 1e6:.2f} MFLOP per RGB pixel, "
               f"{results['flops_per_pixel_gray'] / 1e6:.2f} MFLOP per gray pixel. GFLOP/s counts "
@@ -546,7 +555,8 @@ def markdown(results: dict) -> str:
                      f"{row['output_megapixels_per_s']:.3f} | {row['gflops']:.0f} | "
                      f"{100 * row['gflops'] / ceilings[row['precision']]:.0f}% | {speedup} |")
     memory = results["memory"]
-    lines += ["", f"## Peak memory (fresh process per row, {memory['precision']}, paper config)",
+    lines += ["", f"## Peak memory (fresh process per row, {memory['precision']}, "
+              f"{memory['config']} config)",
               "", "Patch-wise: `purify_patchwise`, tiles 256, overlap 0, 4 windows per call. "
               "Baseline = the process after importing TensorFlow and building the model.", "",
               "| image | method | peak VmHWM (MiB) | baseline (MiB) | seconds |", "|---|---|---|---|---|"]
@@ -625,8 +635,10 @@ def main(argv):
                "load_before": list(os.getloadavg()),
                "bf16_hardware": list(precision_lib.bf16_hardware_support()),
                "auto_choice": None,
-               "flops_per_pixel_rgb": conv_flops_per_pixel(get_config("paper")),
-               "flops_per_pixel_gray": conv_flops_per_pixel(get_config("paper", 1))}
+               "config": model_config_name(quick),
+               "flops_per_pixel_rgb": conv_flops_per_pixel(get_config(model_config_name(quick))),
+               "flops_per_pixel_gray": conv_flops_per_pixel(
+                   get_config(model_config_name(quick), 1))}
     steps = [("ceilings (start)", lambda: results.__setitem__(
                   "ceilings_start", measure_ceilings(repeats, quick))),
              ("purification", lambda: results.__setitem__(

@@ -87,7 +87,7 @@ def purify_patchwise(purify_fn: Callable, images, patch_size: int = 32, overlap:
     windows = [(image, r, c) for image in range(num_images)
                for r in range(len(rows.starts)) for c in range(len(cols.starts))]
 
-    kept = {}
+    kept, bands, last_col = {}, {}, len(cols.starts) - 1
     for first in range(0, len(windows), batch_size):
         chunk = windows[first:first + batch_size]
         batch = ops.stack([
@@ -99,10 +99,14 @@ def purify_patchwise(purify_fn: Callable, images, patch_size: int = 32, overlap:
             (row_offset, row_len), (col_offset, col_len) = rows.keep[r], cols.keep[c]
             kept[image, r, c] = purified[index, row_offset:row_offset + row_len,
                                          col_offset:col_offset + col_len, :]
+            if c == last_col:
+                # Windows run row by row, so this row is complete: join it now and free its
+                # tiles, which keeps about one image's worth of tiles alive instead of two.
+                bands[image, r] = ops.concatenate(
+                    [kept.pop((image, r, col)) for col in range(last_col + 1)], axis=1)
 
-    stitched = []
-    for image in range(num_images):
-        band = [ops.concatenate([kept[image, r, c] for c in range(len(cols.starts))], axis=1)
-                for r in range(len(rows.starts))]
-        stitched.append(ops.concatenate(band, axis=0))
+    stitched = [ops.concatenate([bands.pop((image, r)) for r in range(len(rows.starts))],
+                                axis=0) for image in range(num_images)]
+    if num_images == 1:
+        return ops.expand_dims(stitched[0], 0)  # no copy, unlike stack
     return ops.stack(stitched)
