@@ -29,7 +29,10 @@ def wilson_interval(successes: int, total: int, z: float = Z_95) -> tuple[float,
     denominator = 1.0 + z * z / total
     centre = (phat + z * z / (2 * total)) / denominator
     half = z * math.sqrt(phat * (1 - phat) / total + z * z / (4 * total * total)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # Exact ends at 0 and N successes (the formula gives them up to rounding).
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == total else min(1.0, centre + half)
+    return low, high
 
 
 def correct_per_draw(predict, images, labels, draws: int, batch_size: int = 256) -> np.ndarray:
