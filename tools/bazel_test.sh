@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Builds and tests comdefend-tf with Bazel, offline (docs/bazel.md); used by `make bazel-test`.
+#
+#   tools/bazel_test.sh          every target built, every test run (bazel test //...)
+#   tools/bazel_test.sh --quick  BUILD files checked against the imports, every target built,
+#                                and two fast tests run through the Bazel toolchain
+#
+# Steps: tools/bazel_setup.sh (installs Bazel if needed, writes the machine-specific files),
+# tools/check_bazel_deps.py (BUILD deps match the imports), bazel build/test, a closing
+# "bazel: N passed, N failed, N skipped" line summed over the pytest cases, and always
+# `bazel shutdown` so no Bazel server outlives the command. Extra arguments after the mode
+# go to `bazel test` (e.g. --nocache_test_results).
+set -uo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
+cd "${repo_root}"
+python_bin="${PYTHON:-${repo_root}/.venv/bin/python}"
+
+quick_tests=(//tests:test_check_bazel_deps //tests:test_layers)
+mode="full"
+if [[ "${1:-}" == "--quick" ]]; then
+  mode="quick"
+  shift
+fi
+
+bash tools/bazel_setup.sh || exit 1
+trap 'bazel shutdown >/dev/null 2>&1 || true' EXIT
+
+"${python_bin}" tools/check_bazel_deps.py || exit 1
+
+if [[ "${mode}" == "quick" ]]; then
+  bazel build //... || exit 1
+  test_targets=("${quick_tests[@]}")
+else
+  mapfile -t test_targets < <(bazel query 'tests(//...)' 2>/dev/null)
+  if [[ ${#test_targets[@]} -eq 0 ]]; then
+    echo "bazel_test: bazel query found no test targets" >&2
+    exit 1
+  fi
+fi
+
+started=${SECONDS}
+bazel test "$@" "${test_targets[@]}"
+test_status=$?
+echo "bazel_test: bazel test took $((SECONDS - started)) s"
+"${python_bin}" tools/bazel_test_summary.py "${test_targets[@]}"
+summary_status=$?
+if [[ ${test_status} -ne 0 ]]; then
+  exit "${test_status}"
+fi
+exit "${summary_status}"
