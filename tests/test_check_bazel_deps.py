@@ -142,3 +142,11 @@ def test_aggregates_only_need_transitive_completeness(tmp_path):
     assert errors == ["train/train.py: in no py_library/py_binary/py_test (other than a "
                       "package-wide aggregate)"]
     assert warnings == []
+
+
+def test_listed_source_that_does_not_exist_is_reported(tmp_path):
+    _write(tmp_path, {**_REPO, "tests/main.py": ""})
+    targets = _accurate_targets()
+    targets["//lib:extra"].srcs.append("lib/gone.py")
+    errors, _ = checker.check(str(tmp_path), targets)
+    assert errors == ["//lib:extra: source lib/gone.py does not exist"]

@@ -12,6 +12,7 @@ and every first-party ``.py`` file with :mod:`ast`, then reports:
   ``__init__.py`` files that Python runs on the way, and anything that tests and package-wide
   aggregates such as ``//comdefend_tf:comdefend_tf`` import, only need to be reachable
   transitively);
+* a source file listed in a target that does not exist (e.g. not committed yet);
 * a source file that no specific target owns (targets named after their package, such as
   ``//comdefend_tf:comdefend_tf``, are globbing aggregates and do not count);
 * a program (a file in train/, export/, benchmarks/ or tools/ with an
@@ -180,6 +181,9 @@ def check(repo_root: str, targets: dict[str, PyTarget]) -> tuple[list[str], list
             direct = target.transitive_srcs
         used_deps = set()
         for source in target.srcs:
+            if not os.path.isfile(os.path.join(repo_root, source)):
+                errors.append(f"{target.label}: source {source} does not exist")
+                continue
             if not source.endswith(".py"):
                 continue
             for init in package_inits(source, repo_root):
