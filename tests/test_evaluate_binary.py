@@ -1,0 +1,108 @@
+"""train.train_classifier and train.evaluate as a user runs them, on a folder:PATH dataset of
+digit PNGs in class folders; bad flags fail with clear messages."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import attack_fixtures
+from tests.conftest import REPO_ROOT, subprocess_env
+
+NUM_FOLDER_IMAGES = 400
+COLUMNS = ["attack", "eps", "steps", "threat model", "defense", "clean accuracy",
+           "accuracy under attack", "undefended attack success rate", "mean L2", "mean Linf"]
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO_ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def folder_setup(tmp_path_factory):
+    """Writes digits as 8-bit grayscale PNGs in PATH/<digit>/, trains the classifier on that
+    folder with the binary, and trains the tiny purifier in-process."""
+    root = tmp_path_factory.mktemp("evaluate_binary")
+    folder = root / "digits_png"
+    images, labels = attack_fixtures.data_lib.take_arrays(attack_fixtures.digits().train,
+                                                          NUM_FOLDER_IMAGES)
+    for index, (image, label) in enumerate(zip(images, labels)):
+        os.makedirs(folder / str(label), exist_ok=True)
+        pixels = np.round(image[..., 0] * 255).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / str(label) / f"{index:04d}.png")
+    classifier_dir = root / "classifier"
+    trained = _run("train.train_classifier", f"--dataset=folder:{folder}", "--epochs=6",
+                   "--batch_size=32", "--learning_rate=2e-3", f"--model_dir={classifier_dir}")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    _, comdefend_dir = attack_fixtures.tiny_comdefend()
+    return folder, classifier_dir, comdefend_dir, root, trained.stdout
+
+
+def test_train_classifier_binary_learns_the_folder_digits(folder_setup):
+    _, classifier_dir, _, _, stdout = folder_setup
+    assert "Held-out accuracy:" in stdout
+    with open(classifier_dir / "metrics.json") as handle:
+        metrics = json.load(handle)
+    assert metrics["held_out_accuracy"] >= 0.7 and metrics["num_held_out"] == 40
+    assert (classifier_dir / "classifier.keras").is_file()
+
+
+def test_evaluate_binary_writes_the_table_and_both_figures(folder_setup):
+    folder, classifier_dir, comdefend_dir, root, _ = folder_setup
+    output_dir = root / "evaluation"
+    result = _run("train.evaluate", f"--dataset=folder:{folder}",
+                  f"--classifier_dir={classifier_dir}", f"--comdefend_dir={comdefend_dir}",
+                  "--attacks=fgsm,pgd,cw_l2", "--eps=0.1,0.3", "--pgd_steps=3",
+                  "--cw_steps=5", "--cw_binary_search_steps=1", "--num_examples=12",
+                  "--defenses=none,comdefend,jpeg,bit_depth,median", "--bit_depth=2",
+                  f"--output_dir={output_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    header = "| " + " | ".join(COLUMNS) + " |"
+    assert header in result.stdout  # the table is printed
+    with open(output_dir / "results.md") as handle:
+        markdown = handle.read()
+    assert header in markdown
+    with open(output_dir / "results.json") as handle:
+        payload = json.load(handle)
+    # (fgsm, pgd) x 2 eps + cw once = 5 jobs, each 1 undefended + 4 defenses x 2 threat models.
+    assert len(payload["rows"]) == 5 * 9
+    assert {row["num_examples"] for row in payload["rows"]} == {12}
+    assert {row["defense"] for row in payload["rows"]} == {
+        "none", "comdefend", "jpeg", "bit_depth", "median"}
+    assert payload["metadata"]["dataset"] == f"folder:{folder}"
+    for name in ("accuracy_vs_eps.png", "purification_grid.png"):
+        with open(output_dir / name, "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_flags_fail_with_clear_messages(folder_setup, tmp_path):
+    folder, classifier_dir, _, _, _ = folder_setup
+    common = ["train.evaluate", f"--dataset=folder:{folder}", f"--output_dir={tmp_path}",
+              "--defenses=none,jpeg"]
+    cases = {
+        "unknown attack": (common + [f"--classifier_dir={classifier_dir}",
+                                     "--attacks=fgsm,boom"], "--attacks must list names from"),
+        "eps out of range": (common + [f"--classifier_dir={classifier_dir}", "--eps=0.1,1.5"],
+                             "--eps values must be in [0, 1]"),
+        "no classifier": (common + [f"--classifier_dir={tmp_path / 'missing'}"],
+                          "--classifier_dir: no classifier at"),
+        "comdefend without model": (
+            ["train.evaluate", f"--dataset=folder:{folder}", f"--output_dir={tmp_path}",
+             f"--classifier_dir={classifier_dir}", "--defenses=none,comdefend"],
+            "--comdefend_dir is not set"),
+    }
+    # Start all at once: each child spends most of its time importing TensorFlow.
+    processes = {name: subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT,
+                                        env=subprocess_env(), stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+                 for name, (args, _) in cases.items()}
+    for name, process in processes.items():
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode != 0, name
+        assert cases[name][1] in stderr, (name, stderr[-1500:])
+    assert not os.path.exists(tmp_path / "results.json")
