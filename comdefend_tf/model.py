@@ -148,7 +148,10 @@ class ComDefend(keras.Model):
                 "soft_code": soft_code, "code": code, "purified": purified}
 
     def call(self, images, training=None):
-        outputs = self.forward(images, training=bool(training))
+        # A frozen purifier (trainable=False) runs its inference settings even inside a
+        # classifier's fit, as Keras' BatchNormalization does: training noise would otherwise
+        # corrupt what the classifier is fine-tuned on.
+        outputs = self.forward(images, training=bool(training) and self.trainable)
         # compute_loss runs in the same trace right after call and reads these tensors, so the
         # loss terms need no second forward pass.
         self._last_forward = outputs
