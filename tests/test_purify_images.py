@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from comdefend_tf import ComDefend, get_config, image_io, load_comdefend, reference, save_comdefend
-from export import purify_images
+from comdefend_tf import purify_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,23 +63,23 @@ def _run_cli(*flags):
 def test_plan_maps_names_to_png_in_output_dir(tmp_path, photos):
     folder, _ = photos
     inputs = image_io.list_images(str(folder))
-    pairs = purify_images.plan_outputs(inputs, str(tmp_path / "out"))
+    pairs = purify_files.plan_outputs(inputs, str(tmp_path / "out"))
     assert [os.path.basename(t) for _, t in pairs] == ["a.png", "b.png", "c.png"]
 
 
 def test_plan_refuses_the_input_folder(photos):
     folder, _ = photos
     inputs = image_io.list_images(str(folder))
-    with pytest.raises(purify_images.OutputPlanError, match="never writes into an input"):
-        purify_images.plan_outputs(inputs, str(folder))
-    with pytest.raises(purify_images.OutputPlanError):
-        purify_images.plan_outputs(inputs, str(folder) + "/./")
+    with pytest.raises(purify_files.OutputPlanError, match="never written into an input"):
+        purify_files.plan_outputs(inputs, str(folder))
+    with pytest.raises(purify_files.OutputPlanError):
+        purify_files.plan_outputs(inputs, str(folder) + "/./")
 
 
 def test_plan_refuses_name_collisions(tmp_path):
     paths = [str(tmp_path / "x" / "cat.jpg"), str(tmp_path / "y" / "cat.png")]
-    with pytest.raises(purify_images.OutputPlanError, match="both be written"):
-        purify_images.plan_outputs(paths, str(tmp_path / "out"))
+    with pytest.raises(purify_files.OutputPlanError, match="both be written"):
+        purify_files.plan_outputs(paths, str(tmp_path / "out"))
 
 
 def test_plan_refuses_existing_outputs_unless_overwrite(tmp_path, photos):
@@ -88,15 +88,15 @@ def test_plan_refuses_existing_outputs_unless_overwrite(tmp_path, photos):
     out.mkdir()
     (out / "b.png").write_bytes(b"keep me")
     inputs = image_io.list_images(str(folder))
-    with pytest.raises(purify_images.OutputPlanError, match="--overwrite"):
-        purify_images.plan_outputs(inputs, str(out))
-    assert len(purify_images.plan_outputs(inputs, str(out), overwrite=True)) == 3
+    with pytest.raises(purify_files.OutputPlanError, match="--overwrite"):
+        purify_files.plan_outputs(inputs, str(out))
+    assert len(purify_files.plan_outputs(inputs, str(out), overwrite=True)) == 3
 
 
 # ------------------------------------------------------------------------------ purifying
 def test_purify_array_whole_image_equals_the_model(model):
     image = np.random.default_rng(2).uniform(0, 1, (13, 17, 3)).astype(np.float32)
-    purified = purify_images.purify_array(model, image)
+    purified = purify_files.purify_array(model, image)
     np.testing.assert_array_equal(purified, np.asarray(model(image[None]))[0])
     assert purified.shape == image.shape and purified.dtype == np.float32
 
@@ -105,20 +105,20 @@ def test_overlapping_patches_equal_the_whole_image(model):
     from comdefend_tf.patches import receptive_field_radius
 
     image = np.random.default_rng(3).uniform(0, 1, (30, 23, 3)).astype(np.float32)
-    whole = purify_images.purify_array(model, image)
-    tiled = purify_images.purify_array(model, image, patch_size=8,
+    whole = purify_files.purify_array(model, image)
+    tiled = purify_files.purify_array(model, image, patch_size=8,
                                        overlap=receptive_field_radius(model.config))
     np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-5)
-    seams = purify_images.purify_array(model, image, patch_size=8, overlap=0)
+    seams = purify_files.purify_array(model, image, patch_size=8, overlap=0)
     assert np.abs(seams - whole).max() > 1e-3  # without context the tiles differ
 
 
 def test_bgr_order_reverses_channels_around_the_network(model):
     image = np.random.default_rng(4).uniform(0, 1, (8, 8, 3)).astype(np.float32)
-    bgr = purify_images.purify_array(model, image, channel_order="bgr")
+    bgr = purify_files.purify_array(model, image, channel_order="bgr")
     expected = np.asarray(model(image[None, ..., ::-1].copy()))[0, ..., ::-1]
     np.testing.assert_array_equal(bgr, expected)
-    assert np.abs(bgr - purify_images.purify_array(model, image)).max() > 1e-3
+    assert np.abs(bgr - purify_files.purify_array(model, image)).max() > 1e-3
 
 
 def test_bfloat16_model_purifies_close_to_float32(model):
@@ -126,17 +126,17 @@ def test_bfloat16_model_purifies_close_to_float32(model):
 
     bf16 = precision.convert_model(model, "bfloat16")
     image = np.random.default_rng(5).uniform(0, 1, (8, 8, 3)).astype(np.float32)
-    low = purify_images.purify_array(bf16, image)
+    low = purify_files.purify_array(bf16, image)
     assert low.dtype == np.float32 and low.shape == image.shape
     # bf16 keeps about 3 significant digits; bits near 0 may flip, so compare on average.
-    assert np.abs(low - purify_images.purify_array(model, image)).mean() < 0.05
+    assert np.abs(low - purify_files.purify_array(model, image)).mean() < 0.05
 
 
 def test_purify_files_writes_rounded_pngs_and_reports_psnr(tmp_path, model, photos):
     folder, pixels = photos
-    pairs = purify_images.plan_outputs(image_io.list_images(str(folder)), str(tmp_path / "o"))
+    pairs = purify_files.plan_outputs(image_io.list_images(str(folder)), str(tmp_path / "o"))
     os.makedirs(tmp_path / "o")
-    summary = purify_images.purify_files(model, pairs, progress=False)
+    summary = purify_files.purify_files(model, pairs, progress=False)
     assert summary.failures == [] and len(summary.written) == 3
 
     written = np.asarray(Image.open(tmp_path / "o" / "a.png"))
@@ -153,7 +153,7 @@ def test_purify_files_writes_rounded_pngs_and_reports_psnr(tmp_path, model, phot
 def test_truncation_reproduces_the_release_conversion(tmp_path, model, photos):
     folder, _ = photos
     pairs = [(str(folder / "a.png"), str(tmp_path / "a.png"))]
-    purify_images.purify_files(model, pairs, to_uint8=reference.truncate_to_uint8,
+    purify_files.purify_files(model, pairs, to_uint8=reference.truncate_to_uint8,
                                progress=False)
     image = image_io.read_image(str(folder / "a.png"))
     expected = reference.truncate_to_uint8(np.asarray(model(image[None]))[0])
@@ -162,7 +162,7 @@ def test_truncation_reproduces_the_release_conversion(tmp_path, model, photos):
 
 def test_noise_seed_makes_runs_repeatable(model_dir):
     image = np.random.default_rng(6).uniform(0, 1, (12, 12, 3)).astype(np.float32)
-    runs = [purify_images.purify_array(load_comdefend(model_dir, inference_noise_std=3.0,
+    runs = [purify_files.purify_array(load_comdefend(model_dir, inference_noise_std=3.0,
                                                       seed=seed), image)
             for seed in (7, 7, 8)]
     np.testing.assert_array_equal(runs[0], runs[1])
