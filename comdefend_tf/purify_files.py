@@ -53,7 +53,8 @@ def plan_outputs(input_paths: Sequence[str], output_dir: str,
         existing = [target for _, target in pairs if os.path.exists(target)]
         if existing:
             raise OutputPlanError(f"{len(existing)} output file(s) already exist (first: "
-                                  f"{existing[0]!r}); pass --overwrite (overwrite=True) to replace them")
+                                  f"{existing[0]!r}); pass --overwrite (overwrite=True) to "
+                                  f"replace them")
     return pairs
 
 

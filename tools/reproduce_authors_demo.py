@@ -167,10 +167,6 @@ def _figure(path, rows, columns):
     plt.close(figure)
 
 
-def _fmt(value, digits=3):
-    return f"{value:.{digits}f}"
-
-
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
