@@ -9,7 +9,8 @@ the job of thin decoders around it, each a named signature:
 * ``purify``: ``images`` float32 ``[batch, height, width, C]`` in [0, 1] ->
   ``purified`` float32 (same shape, in [0, 1]) and ``code_bits`` uint8 ``[batch, height, width,
   code_channels]`` (0/1).
-* ``purify_bytes``: ``image_bytes`` string ``[batch]`` of encoded PNG or JPEG images (what TF
+* ``purify_bytes``: ``image_bytes`` string ``[batch]`` (declared with unknown rank, checked in
+  the graph like the float inputs) of encoded PNG or JPEG images (what TF
   Serving's REST API carries as ``{"b64": ...}``) -> ``purified_png_bytes`` string ``[batch]``
   (8-bit PNGs; TF Serving's REST API returns string outputs whose name ends in ``_bytes`` as
   ``{"b64": ...}``). Images in one batch may have different sizes.
@@ -384,8 +385,14 @@ def build_serving_functions(purifier: ComDefend, classifier: keras.Model | None 
         images = validate_images(images, channels, settings.max_pixels)
         return purify_core(images)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_IMAGE_BYTES)])
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.string, name=INPUT_IMAGE_BYTES)])
     def purify_bytes(image_bytes):
+        checked = _refuse_unless(
+            [(tf.equal(tf.rank(image_bytes), 1),
+              ["image_bytes must be a rank-1 string tensor [batch] of encoded images; got "
+               "shape", tf.shape(image_bytes)])], image_bytes)
+        image_bytes = tf.reshape(checked, [-1])
+
         def purify_one(encoded):
             image = tf.cast(_decode_checked(encoded, channels), tf.float32) / 255.0
             image = validate_images(image[None], channels, settings.max_pixels)

@@ -107,6 +107,8 @@ def test_bad_bytes_are_refused(gray_purifier):
     assert "PNG or JPEG" in _error_message(lambda: purify_bytes(tf.constant([png, b"GIF89a"])))
     truncated = _error_message(lambda: purify_bytes(tf.constant([png[:30]])))
     assert "PNG" in truncated
+    for wrong_rank in (tf.constant(png), tf.constant([[png]])):
+        assert "rank-1 string tensor" in _error_message(lambda: purify_bytes(wrong_rank))
 
 
 # ----------------------------------------------------------------------------------- bytes
