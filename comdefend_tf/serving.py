@@ -3,8 +3,10 @@
 What is served is one ``tf.function``, the *purify core*: float32 images ``[batch, height,
 width, channels]`` in [0, 1] -> purified images (same shape) and code bits. It processes images
 patch-wise inside the graph (dynamic shapes, a ``tf.while_loop`` over chunks of windows), so
-memory is bounded by ``patch_batch_size`` windows whatever the image size. How inputs arrive is
-the job of thin decoders around it, each a named signature:
+the network's working memory (its wide feature maps) is bounded by ``patch_batch_size``
+windows whatever the image size; only the input and output windows, a few channels each,
+scale with the image. How inputs arrive is the job of thin decoders around it, each a named
+signature:
 
 * ``purify``: ``images`` float32 ``[batch, height, width, C]`` in [0, 1] ->
   ``purified`` float32 (same shape, in [0, 1]) and ``code_bits`` uint8 ``[batch, height, width,

@@ -253,9 +253,14 @@ def test_a_crash_mid_write_leaves_no_version_behind(small_purifier, tmp_path, mo
     # A hard kill leaves the hidden temporary folder; servers and numbering ignore it.
     (base / ".partial-1-killed").mkdir()
     (base / ".partial-1-killed" / "saved_model.pb").write_bytes(b"truncated")
-    written = serving.export_savedmodel(small_purifier, str(base))
+    noisy = serving.ExportSettings(inference_noise_std=3.0, noise_seed=5)
+    written = serving.export_savedmodel(small_purifier, str(base), settings=noisy)
     assert written == str(base / "1")
-    assert tf.saved_model.load(written).signatures["purify"] is not None
+    # The served noise generator's state travels with the export: fresh draws per call.
+    purify = tf.saved_model.load(written).signatures["purify"]
+    images = tf.constant(_sample_images(1, seed=3))
+    first, second = purify(images=images)["code_bits"], purify(images=images)["code_bits"]
+    assert np.mean(first.numpy() != second.numpy()) > 0.05
 
 
 class _FakeArchive:
