@@ -147,6 +147,9 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent("""
     loaded = tf.saved_model.load(version_dir)
     images = np.load(images_path)
     purify = loaded.signatures["purify"](images=tf.constant(images))
+    # Larger than the export's 16-pixel tiles, and not a multiple of them.
+    large = np.random.RandomState(7).rand(1, 37, 50, 1).astype(np.float32)
+    purify_large = loaded.signatures["purify"](images=tf.constant(large))
     default = loaded.signatures["serving_default"](images=tf.constant(images))
     png = tf.io.encode_png(tf.cast(tf.round(images[0] * 255), tf.uint8)).numpy()
     pngs = loaded.signatures["purify_bytes"](image_bytes=tf.constant([png]))
@@ -170,6 +173,7 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent("""
     np.savez(out_path, purified=purify["purified"].numpy(), code_bits=purify["code_bits"].numpy(),
              probabilities=default["probabilities"].numpy(),
              class_ids=default["class_ids"].numpy(),
+             purified_large=purify_large["purified"].numpy(),
              png=np.frombuffer(pngs["purified_png_bytes"].numpy()[0], np.uint8))
     with open(out_path + ".json", "w") as handle:
         json.dump({"package_importable": package_importable, "ops": sorted(ops),
@@ -207,6 +211,10 @@ def test_a_fresh_process_without_the_package_reproduces_the_keras_model(exported
     np.testing.assert_allclose(outputs["probabilities"], tf.nn.softmax(logits).numpy(),
                                atol=1e-5)
     np.testing.assert_array_equal(outputs["class_ids"], logits.argmax(axis=1))
+    # Tiled inside the graph (16-pixel tiles, receptive-field overlap) = whole-image Keras.
+    large = np.random.RandomState(7).rand(1, 37, 50, 1).astype(np.float32)
+    np.testing.assert_allclose(outputs["purified_large"], _keras_purified(exported, large),
+                               atol=1e-5)
     png = tf.io.decode_png(outputs["png"].tobytes()).numpy()
     assert png.shape == IMAGE_SHAPE
     assert "values in [0, 1]" in report["range_error"]
