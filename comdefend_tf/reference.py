@@ -64,10 +64,20 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
         from numpy._core import multiarray
     except ImportError:  # numpy 1
         from numpy.core import multiarray
+
+    def reconstruct(subtype, shape, dtype):
+        # numpy pickles call this with shape (0,) and fill the array from the pickled state;
+        # refuse anything else so a crafted file cannot make us allocate a huge array.
+        if subtype is not np.ndarray or tuple(np.atleast_1d(shape)) != (0,):
+            raise pickle.UnpicklingError(
+                f"unexpected array reconstruction ({getattr(subtype, '__name__', subtype)}, "
+                f"shape {shape})")
+        return multiarray._reconstruct(subtype, shape, dtype)
+
     return {
         # Pickles written by numpy 1 name numpy.core; numpy 2 moved it to numpy._core.
-        ("numpy.core.multiarray", "_reconstruct"): multiarray._reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): multiarray._reconstruct,
+        ("numpy.core.multiarray", "_reconstruct"): reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): reconstruct,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
         # Protocol 2 stores raw bytes as latin-1 text re-encoded by _codecs.encode.

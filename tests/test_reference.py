@@ -138,6 +138,25 @@ def test_crafted_pickle_is_refused_without_running(tmp_path, payload):
     assert not sentinel.exists()
 
 
+class _HugeArray:
+    """Allowed global, hostile arguments: asks numpy for a terabyte-sized array."""
+
+    def __reduce__(self):
+        try:
+            from numpy._core.multiarray import _reconstruct
+        except ImportError:
+            from numpy.core.multiarray import _reconstruct
+        return _reconstruct, (np.ndarray, (10 ** 12,), b"b")
+
+
+def test_allowed_global_with_hostile_arguments_is_refused(tmp_path):
+    path = tmp_path / "enc_huge.npy"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("w.npy", malicious_npy_bytes(_HugeArray()))
+    with pytest.raises(reference.ReferenceWeightsError, match="unexpected array reconstruction"):
+        reference.read_weight_arrays(str(path))
+
+
 def test_not_an_npz_archive_is_named(tmp_path):
     path = tmp_path / "enc.npy"
     np.save(path, np.zeros(3, np.float32))  # a real .npy, not the release's zip
