@@ -314,6 +314,14 @@ def classifier_emits_probabilities(classifier: keras.Model) -> bool:
     return getattr(activation, "__name__", "") == "softmax"
 
 
+def _classifier_channels(classifier: keras.Model) -> int | None:
+    try:
+        shape = tuple(classifier.inputs[0].shape)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+    return int(shape[-1]) if len(shape) == 4 and shape[-1] is not None else None
+
+
 def classifier_height_width(classifier: keras.Model) -> tuple[int, int] | None:
     """The classifier's static input (height, width), or None when it accepts any size."""
     try:
@@ -406,6 +414,10 @@ def build_serving_functions(purifier: ComDefend, classifier: keras.Model | None 
 
     signatures = {}
     if classifier is not None:
+        classifier_channels = _classifier_channels(classifier)
+        if classifier_channels is not None and classifier_channels != channels:
+            raise ValueError(f"the classifier takes {classifier_channels}-channel images but the "
+                             f"purifier produces {channels}-channel images")
         height_width = classifier_height_width(classifier)
         if settings.classifier_outputs == "auto":
             emits_probabilities = classifier_emits_probabilities(classifier)

@@ -79,7 +79,8 @@ def main(argv):
 
     signatures = ([serving.SIGNATURE_CLASSIFY] if classifier is not None else []) + [
         serving.SIGNATURE_PURIFY, serving.SIGNATURE_PURIFY_BYTES]
-    height_width = serving.classifier_height_width(classifier) if classifier else None
+    height_width = (serving.classifier_height_width(classifier) if classifier is not None
+                    else None)
     commands = serving.next_step_commands(version_dir, purifier.config.input_channels,
                                           height_width or (32, 32))
     print(f"Exported SavedModel: {version_dir}")

@@ -174,6 +174,13 @@ def test_classify_refuses_sizes_the_classifier_cannot_take(gray_purifier):
     assert "expects 8x8 images" in _error_message(lambda: classify(_images((1, 9, 8, 1))))
 
 
+def test_a_classifier_for_other_channels_is_refused_at_export(gray_purifier):
+    rgb_classifier = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+                                       keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="3-channel images but the purifier produces 1"):
+        serving.build_serving_functions(gray_purifier, rgb_classifier)
+
+
 def test_settings_are_validated():
     with pytest.raises(ValueError, match="patch_size"):
         serving.ExportSettings(patch_size=0)
