@@ -188,13 +188,24 @@ def evaluate(classifier, defenses: dict, images: np.ndarray, labels: np.ndarray,
         for eps in (eps_values if spec.bounded else [None]):
             jobs.append((spec, eps))
     rows, examples = [], None
+    # Minimum-norm searches that are only projected onto the eps ball (DeepFool) run once per
+    # (attack, attacked callable); each eps projects the cached result.
+    unprojected = {}
     for spec, eps in tqdm(jobs, desc="attacks", unit="attack", disable=not progress):
 
-        def run(model_fn):
-            return attacks_lib.run_attack(spec.name, model_fn, images, eps, y=labels,
-                                          steps=steps[spec.name], batch_size=batch_size,
-                                          progress=progress,
-                                          **attack_options.get(spec.name, {}))
+        def run(model_fn, defense_name=UNDEFENDED):
+            if not spec.eps_independent:
+                return attacks_lib.run_attack(spec.name, model_fn, images, eps, y=labels,
+                                              steps=steps[spec.name], batch_size=batch_size,
+                                              progress=progress,
+                                              **attack_options.get(spec.name, {}))
+            key = (spec.name, defense_name)
+            if key not in unprojected:
+                unprojected[key] = attacks_lib.run_attack(
+                    spec.name, model_fn, images, None, y=labels, steps=steps[spec.name],
+                    batch_size=batch_size, progress=progress,
+                    **attack_options.get(spec.name, {}))
+            return attacks_lib.project_linf(images, unprojected[key], eps)
 
         def score(defense_name, threat_model, adversarial, eot_used, seconds, extra=None):
             defended = predict(defended_fns[defense_name], adversarial)
@@ -233,8 +244,8 @@ def evaluate(classifier, defenses: dict, images: np.ndarray, labels: np.ndarray,
                 model_fn, eot_used = attack_model_fn(threat_model, classifier,
                                                      defenses[defense_name], eot_samples)
                 start = time.perf_counter()
-                adversarial, extra = _best_of(defended_fns[defense_name], run(model_fn),
-                                              oblivious, labels)
+                adversarial, extra = _best_of(defended_fns[defense_name],
+                                              run(model_fn, defense_name), oblivious, labels)
                 score(defense_name, threat_model, adversarial, eot_used,
                       time.perf_counter() - start, extra)
     settings = {"attacks": [spec.name for spec in specs], "eps": eps_values,

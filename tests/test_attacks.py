@@ -122,3 +122,14 @@ def test_eot_calls_the_model_k_times_and_averages_their_gradients():
     assert attacks.expectation_over_transformation(draw_model, 1) is draw_model
     with pytest.raises(ValueError):
         attacks.expectation_over_transformation(draw_model, 0)
+
+
+def test_deepfool_runs_once_and_projects_per_eps(setup):
+    model_fn, images, labels = setup
+    assert attacks.get_attack("deepfool").eps_independent
+    unprojected = attacks.run_attack("deepfool", model_fn, images[:8], None, y=labels[:8],
+                                     steps=5)
+    projected = attacks.run_attack("deepfool", model_fn, images[:8], 0.05, y=labels[:8], steps=5)
+    np.testing.assert_allclose(attacks.project_linf(images[:8], unprojected, 0.05), projected,
+                               atol=1e-6)
+    assert np.abs(projected - images[:8]).max() <= 0.05 + 1e-6

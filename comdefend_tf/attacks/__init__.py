@@ -4,7 +4,7 @@
 
 from comdefend_tf.attacks.gradient_attacks import (ATTACK_NAMES, ATTACKS, EOT_FORM, AttackSpec,
                                                    expectation_over_transformation, get_attack,
-                                                   run_attack)
+                                                   project_linf, run_attack)
 
 __all__ = ["ATTACK_NAMES", "ATTACKS", "EOT_FORM", "AttackSpec",
-           "expectation_over_transformation", "get_attack", "run_attack"]
+           "expectation_over_transformation", "get_attack", "project_linf", "run_attack"]

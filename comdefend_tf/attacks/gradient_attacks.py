@@ -171,15 +171,27 @@ def _import_foolbox():
     return foolbox
 
 
+def project_linf(clean, adversarial, eps: float) -> np.ndarray:
+    """``adversarial`` projected onto the L-inf ball of radius ``eps`` around ``clean`` (both
+    float32 ``[n, H, W, C]`` in [0, 1]), staying in [0, 1]: what foolbox's ``clipped`` output
+    is for an L-inf minimum-norm attack."""
+    clean = np.asarray(clean, np.float32)
+    perturbation = np.clip(np.asarray(adversarial, np.float32) - clean, -eps, eps)
+    return np.clip(clean + perturbation, 0.0, 1.0).astype(np.float32)
+
+
 def deepfool(model_fn, x, eps, steps: int = 50, y=None, batch_size: int = 128,
              progress: bool = False, overshoot: float = 0.02,
              candidates: int | None = 10) -> np.ndarray:
     """DeepFool, L-inf (Moosavi-Dezfooli et al. 2016), from foolbox 3.3.4: ``steps`` linearised
     steps towards the nearest decision boundary among the ``candidates`` top classes, then
-    projected onto the eps ball (foolbox's ``clipped`` output). Needs labels (the model's
-    predictions when ``y`` is None)."""
+    projected onto the eps ball (foolbox's ``clipped`` output). ``eps=None`` returns the
+    unprojected minimum-norm images: the search itself does not depend on eps, so
+    ``project_linf(x, deepfool(..., eps=None), eps)`` equals ``deepfool(..., eps)`` and the
+    evaluation runs it once for all eps values. Needs labels (the model's predictions when
+    ``y`` is None)."""
     foolbox = _import_foolbox()
-    eps = _check_eps("deepfool", eps)
+    eps = None if eps is None else _check_eps("deepfool", eps)
     model = foolbox.TensorFlowModel(model_fn, bounds=(0.0, 1.0))
 
     def attack_batch(images, labels):
@@ -209,6 +221,9 @@ class AttackSpec:
       default_steps: iterations when the caller gives none.
       library: where it comes from (for the README and results).
       gradient_free: True when it only queries logits (SPSA).
+      eps_independent: True when the search ignores eps and the result is only projected onto
+        the eps ball afterwards (DeepFool): run it once with ``eps=None``, then
+        ``project_linf`` for each eps.
     """
 
     name: str
@@ -218,6 +233,7 @@ class AttackSpec:
     default_steps: int
     library: str
     gradient_free: bool = False
+    eps_independent: bool = False
 
 
 ATTACKS = {
@@ -229,7 +245,8 @@ ATTACKS = {
                         "cleverhans 4.0.0 + comdefend_tf Keras 3 compat"),
     "spsa": AttackSpec("spsa", spsa, "linf", True, 20,
                        "cleverhans 4.0.0 + comdefend_tf Keras 3 compat", gradient_free=True),
-    "deepfool": AttackSpec("deepfool", deepfool, "linf", True, 50, "foolbox 3.3.4"),
+    "deepfool": AttackSpec("deepfool", deepfool, "linf", True, 50, "foolbox 3.3.4",
+                           eps_independent=True),
 }
 ATTACK_NAMES = tuple(ATTACKS)
 
