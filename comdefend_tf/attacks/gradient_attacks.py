@@ -122,11 +122,13 @@ def mim(model_fn, x, eps, steps: int = 10, y=None, batch_size: int = 128,
 
 
 def cw_l2(model_fn, x, eps=None, steps: int = 100, y=None, batch_size: int = 128,
-          progress: bool = False, binary_search_steps: int = 3, learning_rate: float = 0.05,
+          progress: bool = False, binary_search_steps: int = 3, learning_rate: float = 0.1,
           initial_const: float = 1.0, confidence: float = 0.0) -> np.ndarray:
     """Carlini-Wagner L2 (2017), untargeted, minimum-norm: ``eps`` is ignored; ``steps`` Adam
     iterations per binary-search step over the constant. Examples where no adversarial image
-    was found come back unchanged."""
+    was found come back unchanged. The Adam learning rate 0.1 (upstream 5e-3 for 1,000
+    iterations) suits the short budgets of a CPU run: with 30 steps x 3 binary-search steps
+    on 100 28x28 digits it fooled 96 % of them (0.05: 61 %), at a larger mean L2."""
     del eps  # a minimum-norm attack has no budget
 
     def attack_batch(images, labels):
