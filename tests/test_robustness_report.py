@@ -117,3 +117,13 @@ def test_protocol_and_evaluation_reject_bad_settings():
     images = np.zeros((2, 8, 8, 1), np.float32)
     with pytest.raises(ValueError, match="second, independently trained classifier"):
         robustness.Evaluation(robustness.Models(classifier), images, np.zeros(2), protocol)
+
+
+def test_best_baseline_breaks_ties_at_the_headline_by_the_whole_curve():
+    rows = [{"defense": name, "norm": "linf", "eps": eps, "robust_acc": acc}
+            for name, eps, acc in [("jpeg", 0.1, 0.58), ("jpeg", 0.3, 0.0),
+                                   ("bit_depth", 0.1, 0.31), ("bit_depth", 0.3, 0.0),
+                                   ("none", 0.1, 0.9), ("none", 0.3, 0.5)]]
+    assert robustness.best_baseline(rows, 0.3) == "jpeg"
+    rows.append({"defense": "median", "norm": "linf", "eps": 0.3, "robust_acc": 0.1})
+    assert robustness.best_baseline(rows, 0.3) == "median"
