@@ -32,9 +32,15 @@ if [[ "${mode}" == "quick" ]]; then
   bazel build //... || exit 1
   test_targets=("${quick_tests[@]}")
 else
-  mapfile -t test_targets < <(bazel query 'tests(//...)' 2>/dev/null)
-  if [[ ${#test_targets[@]} -eq 0 ]]; then
-    echo "bazel_test: bazel query found no test targets" >&2
+  query_output="$(bazel query 'tests(//...)' 2>/tmp/bazel_test_query.$$)"
+  query_status=$?
+  if [[ ${query_status} -ne 0 ]]; then
+    cat "/tmp/bazel_test_query.$$" >&2
+  fi
+  rm -f "/tmp/bazel_test_query.$$"
+  mapfile -t test_targets < <(printf '%s\n' "${query_output}" | grep '^//')
+  if [[ ${query_status} -ne 0 || ${#test_targets[@]} -eq 0 ]]; then
+    echo "bazel_test: bazel query 'tests(//...)' found no test targets" >&2
     exit 1
   fi
 fi
