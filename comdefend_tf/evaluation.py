@@ -361,7 +361,8 @@ def plot_accuracy_vs_eps(evaluation: Evaluation, path: str) -> str:
     figure, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 3.6),
                                 squeeze=False)
     for axis, attack in zip(axes[0], panels):
-        rows = [row for row in evaluation.rows if row["attack"] == attack and row["eps"] is not None]
+        rows = [row for row in evaluation.rows
+                if row["attack"] == attack and row["eps"] is not None]
         series = {}
         for row in rows:
             key = (row.get("defense_label", row["defense"]), row["threat_model"], row["defense"])

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import keras
 import numpy as np
-import tensorflow as tf
 from cleverhans.tf2.attacks import carlini_wagner_l2 as _cw
 from cleverhans.tf2.attacks import spsa as _spsa
 
