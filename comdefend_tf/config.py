@@ -42,6 +42,10 @@ class ComDefendConfig:
         ``straight_through`` (the decoder sees hard bits, gradients pass straight through).
       inference_mode: ``hard`` (decoder fed 0/1 bits; the RGB release) or ``soft`` (decoder fed
         sigmoid(noisy logits); the Fashion-MNIST release).
+      noise_warmup_steps: optimizer steps over which the training noise std ramps linearly from
+        0 to ``train_noise_std`` (0: full noise from the first step, as in the paper). Without
+        it, noise of std 20 drowns the untrained code, the decoder learns to ignore it and its
+        sigmoid saturates (the "black reconstructions" users of the release reported).
     """
 
     name: str = "paper"
@@ -54,6 +58,7 @@ class ComDefendConfig:
     inference_noise_std: float = 0.0
     train_mode: str = "soft"
     inference_mode: str = "hard"
+    noise_warmup_steps: int = 0
 
     def __post_init__(self):
         # Lists from JSON become tuples so configs stay hashable and comparable.
@@ -73,7 +78,8 @@ class ComDefendConfig:
         if self.inference_mode not in INFERENCE_MODES:
             raise ValueError(
                 f"inference_mode must be one of {INFERENCE_MODES}, got {self.inference_mode!r}")
-        for field in ("train_noise_std", "inference_noise_std", "lambda_code"):
+        for field in ("train_noise_std", "inference_noise_std", "lambda_code",
+                      "noise_warmup_steps"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
 

@@ -27,6 +27,8 @@ class CodeNoise(keras.layers.Layer):
       training: selects ``train_std`` (True) or ``inference_std`` (False/None).
       noise: optional tensor broadcastable to ``code_logits`` used instead of a fresh draw (an
         attacker who knows the draw, or a test). It is subtracted as given, not scaled.
+      std_scale: optional scalar multiplying the training std (a warm-up schedule raises it
+        from 0 to 1 inside a compiled training step); ignored at inference.
 
     Returns:
       ``code_logits`` minus the noise, same shape and dtype.
@@ -43,15 +45,17 @@ class CodeNoise(keras.layers.Layer):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def call(self, code_logits, training=None, noise=None):
+    def call(self, code_logits, training=None, noise=None, std_scale=None):
         if noise is not None:
             return code_logits - ops.cast(noise, code_logits.dtype)
         std = self.train_std if training else self.inference_std
         if std == 0.0:
             return code_logits
-        draw = keras.random.normal(ops.shape(code_logits), stddev=std,
+        draw = keras.random.normal(ops.shape(code_logits), stddev=1.0,
                                    dtype=code_logits.dtype, seed=self.seed_generator)
-        return code_logits - draw
+        if training and std_scale is not None:
+            std = std * ops.cast(std_scale, code_logits.dtype)
+        return code_logits - std * draw
 
     def compute_output_shape(self, input_shape):
         return input_shape

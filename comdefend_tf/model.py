@@ -118,7 +118,8 @@ class ComDefend(keras.Model):
         self.built = True
 
     # ----------------------------------------------------------------------------- forward
-    def forward(self, images, training=False, noise=None, mode: str | None = None) -> dict:
+    def forward(self, images, training=False, noise=None, mode: str | None = None,
+                noise_scale=None) -> dict:
         """All intermediate tensors of one purification.
 
         Args:
@@ -127,6 +128,8 @@ class ComDefend(keras.Model):
           noise: optional noise draw to subtract instead of a fresh one (``CodeNoise``).
           mode: overrides the code path: ``soft`` (sigmoid of noisy logits), ``hard`` (0/1
             bits, straight-through gradient) or None for the config's choice.
+          noise_scale: scalar in [0, 1] multiplying the training noise std (warm-up); None
+            derives it from ``config.noise_warmup_steps`` and the compiled optimizer's step.
 
         Returns:
           dict with ``code_logits`` and ``noisy_logits`` (``[B, H, W, code_channels]``),
@@ -135,7 +138,10 @@ class ComDefend(keras.Model):
         """
         images = ops.convert_to_tensor(images)
         code_logits = self.encoder(images, training=training)
-        noisy_logits = self.code_noise(code_logits, training=training, noise=noise)
+        if training and noise_scale is None:
+            noise_scale = self.noise_warmup_scale()
+        noisy_logits = self.code_noise(code_logits, training=training, noise=noise,
+                                       std_scale=noise_scale)
         soft_code = ops.sigmoid(noisy_logits)
         if mode is None:
             if training:
@@ -146,6 +152,23 @@ class ComDefend(keras.Model):
         purified = self.decoder(code, training=training)
         return {"code_logits": code_logits, "noisy_logits": noisy_logits,
                 "soft_code": soft_code, "code": code, "purified": purified}
+
+    def noise_warmup_scale(self, step=None):
+        """``min(1, step / config.noise_warmup_steps)`` (a float32 scalar), with ``step`` the
+        compiled optimizer's iteration count by default; None when there is no warm-up.
+
+        Reading the step from the optimizer (not a model variable) keeps the schedule right
+        after ``BackupAndRestore`` resumes a run and adds nothing to the saved weights.
+        """
+        warmup = self.config.noise_warmup_steps
+        if not warmup:
+            return None
+        if step is None:
+            optimizer = getattr(self, "optimizer", None)
+            if optimizer is None:
+                return None
+            step = optimizer.iterations
+        return ops.minimum(1.0, ops.cast(step, "float32") / float(warmup))
 
     def call(self, images, training=None):
         # A frozen purifier (trainable=False) runs its inference settings even inside a

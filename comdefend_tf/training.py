@@ -225,7 +225,8 @@ def _train_custom_loop(config, train, model_dir, epochs, batch_size, learning_ra
 
     def replica_step(images):
         with tf.GradientTape() as tape:
-            outputs = model.forward(images, training=True)
+            outputs = model.forward(images, training=True,
+                                    noise_scale=model.noise_warmup_scale(optimizer.iterations))
             terms = model.loss_terms(images, outputs)
             loss = tf.nn.compute_average_loss(terms["loss"], global_batch_size=batch_size)
         gradients = tape.gradient(loss, model.trainable_variables)

@@ -145,3 +145,24 @@ def test_load_errors_name_the_problem(tmp_path):
     other.save(str(tmp_path / "other.keras"))
     with pytest.raises(ValueError, match="not a ComDefend model"):
         load_comdefend(str(tmp_path / "other.keras"))
+
+
+def test_noise_warmup_ramps_the_training_noise_with_the_optimizer_step():
+    model = ComDefend(get_config("tiny", train_noise_std=10.0, noise_warmup_steps=4), seed=0)
+    images = np.zeros((4, 8, 8, 3), np.float32)
+
+    def noise_std():
+        outputs = model.forward(images, training=True)
+        return float(np.std(np.asarray(outputs["noisy_logits"] - outputs["code_logits"])))
+
+    assert model.noise_warmup_scale() is None  # no optimizer yet: full noise
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    assert noise_std() == 0.0  # step 0
+    model.optimizer.iterations.assign(2)
+    assert 4.0 < noise_std() < 6.0  # half way: std 5
+    model.optimizer.iterations.assign(40)
+    assert 9.0 < noise_std() < 11.0  # capped at the full std
+    assert float(model.noise_warmup_scale(step=1)) == 0.25
+    # Inference noise is never scaled.
+    np.testing.assert_array_equal(np.asarray(model.forward(images)["noisy_logits"]),
+                                  np.asarray(model.forward(images)["code_logits"]))

@@ -32,6 +32,9 @@ flags.DEFINE_float("lambda_code", None, "Weight of the code penalty mean(soft_co
 flags.DEFINE_float("train_noise_std", None, "Standard deviation of the Gaussian noise on the "
                    "code logits in training; larger pushes the code towards binary but can stall "
                    "training (default: the config's).", lower_bound=0)
+flags.DEFINE_integer("noise_warmup_steps", None, "Optimizer steps over which the training noise "
+                     "ramps linearly from 0 to --train_noise_std (0: full noise at once, as in the "
+                     "paper; default: the config's).", lower_bound=0)
 flags.DEFINE_float("inference_noise_std", None, "Noise standard deviation at inference "
                    "(0 = deterministic purifier; default: the config's).", lower_bound=0)
 flags.DEFINE_enum("train_mode", None, config_lib.TRAIN_MODES,
@@ -54,7 +57,8 @@ FLAGS = flags.FLAGS
 
 def config_from_flags(channels: int) -> config_lib.ComDefendConfig:
     overrides = {name: getattr(FLAGS, name) for name in (
-        "lambda_code", "train_noise_std", "inference_noise_std", "train_mode", "inference_mode")
+        "lambda_code", "train_noise_std", "noise_warmup_steps", "inference_noise_std",
+        "train_mode", "inference_mode")
         if getattr(FLAGS, name) is not None}
     return config_lib.get_config(FLAGS.config, input_channels=channels, **overrides)
 
