@@ -204,5 +204,10 @@ def main(argv):
           f"({seconds:.0f} s)")
 
 
-if __name__ == "__main__":
+def run():
+    """Console-script entry point."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

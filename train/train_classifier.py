@@ -62,5 +62,10 @@ def main(argv):
     print(f"Saved {FLAGS.model_dir}/{classifiers.KERAS_FILENAME} (metrics.json beside it)")
 
 
-if __name__ == "__main__":
+def run():
+    """Console-script entry point."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()
