@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 RUNS ?= runs/demo
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test clean-demo
+.PHONY: venv demo test clean-demo bazel-test bazel-check
 
 venv: $(STAMP)
 
@@ -26,3 +26,12 @@ test: $(STAMP)
 
 clean-demo:
 	rm -rf $(RUNS)
+
+# Bazel build + full test suite, offline (docs/bazel.md): set-up (apt bazel-bootstrap 4.2.3),
+# BUILD-deps check, bazel test //..., a summary line, bazel shutdown.
+bazel-test: $(STAMP)
+	bash tools/bazel_test.sh
+
+# Quick Bazel check: BUILD deps match imports, every target builds, two fast tests (~1 min).
+bazel-check: $(STAMP)
+	bash tools/bazel_test.sh --quick
