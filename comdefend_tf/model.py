@@ -96,6 +96,7 @@ class ComDefend(keras.Model):
     """
 
     def __init__(self, config: ComDefendConfig | dict | None = None, seed: int | None = None,
+                 encoder: keras.Model | None = None, decoder: keras.Model | None = None,
                  **kwargs):
         super().__init__(**kwargs)
         if config is None:
@@ -104,8 +105,10 @@ class ComDefend(keras.Model):
             config = ComDefendConfig.from_dict(config)
         self.config = config
         self.seed = seed
-        self.encoder = build_comcnn(config)
-        self.decoder = build_rescnn(config)
+        # Given sub-models are shared, not copied (``with_inference``); they are not part of
+        # ``get_config``: a saved model rebuilds its own and loads the weights into them.
+        self.encoder = encoder if encoder is not None else build_comcnn(config)
+        self.decoder = decoder if decoder is not None else build_rescnn(config)
         self.code_noise = CodeNoise(config.train_noise_std,
                                     config.inference_noise_std, seed=seed, name="code_noise")
         self.binarize = StraightThroughBinarize("identity", name="binarize")
@@ -237,11 +240,8 @@ class ComDefend(keras.Model):
             changes["inference_noise_std"] = noise_std
         if mode is not None:
             changes["inference_mode"] = mode
-        clone = ComDefend(self.config.replace(**changes), seed=self.seed if seed is None else seed,
-                          name=self.name)
-        clone.encoder = self.encoder
-        clone.decoder = self.decoder
-        return clone
+        return ComDefend(self.config.replace(**changes), seed=self.seed if seed is None else seed,
+                         encoder=self.encoder, decoder=self.decoder, name=self.name)
 
 
 def psnr(images, reconstructions, max_value: float = 1.0):

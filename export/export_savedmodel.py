@@ -17,6 +17,13 @@ import sys
 
 from absl import app, flags
 
+from comdefend_tf.precision import PRECISIONS
+
+flags.DEFINE_enum("precision", "float32", PRECISIONS,
+                  "Compute precision of the served purifier: float32, bfloat16 (Keras "
+                  "mixed_bfloat16; float32 inputs and outputs) or auto (float32 here: the "
+                  "export has no images to run the bf16 quality check on).")
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("comdefend_dir", None, "Model directory holding comdefend.keras (from "
                     "train.train_comdefend or train.import_reference_weights), or a .keras file.")
@@ -63,11 +70,12 @@ def settings_from_flags():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from comdefend_tf import classifiers, model as model_lib, serving
+    from comdefend_tf import classifiers, model as model_lib, precision, serving
 
     try:
         settings = settings_from_flags()
         purifier = model_lib.load_comdefend(FLAGS.comdefend_dir)
+        purifier = precision.select_for_inference(purifier, FLAGS.precision).model
         classifier = (classifiers.load_classifier(FLAGS.classifier_dir)
                       if FLAGS.classifier_dir else None)
         version_dir = serving.export_savedmodel(

@@ -166,3 +166,13 @@ def test_noise_warmup_ramps_the_training_noise_with_the_optimizer_step():
     # Inference noise is never scaled.
     np.testing.assert_array_equal(np.asarray(model.forward(images)["noisy_logits"]),
                                   np.asarray(model.forward(images)["code_logits"]))
+
+
+def test_with_inference_shares_weights_without_duplicating_them(tmp_path):
+    model = ComDefend(get_config("tiny"), seed=0)
+    noisy = model.with_inference(noise_std=1.0, mode="soft")
+    assert len(noisy.get_weights()) == len(model.get_weights()) == 12
+    assert noisy.config.inference_noise_std == 1.0 and noisy.config.inference_mode == "soft"
+    noisy.set_weights(model.get_weights())  # the same layout: precision conversion relies on it
+    save_comdefend(noisy, str(tmp_path))
+    assert load_comdefend(str(tmp_path)).config == noisy.config
