@@ -16,9 +16,11 @@ Architectures (``ARCHITECTURES``):
   expect; ImageNet weights load from a local ``.h5``/``.weights.h5`` file when given.
 * ``auto``: chooses by input shape (``choose_architecture``).
 
-Training uses ``fit`` with the same callbacks, strategies and resumable state as ComDefend's
-training (``comdefend_tf.training``); ``save_classifier`` writes ``MODEL_DIR/classifier.keras``
-and ``metrics.json`` atomically.
+Training uses ``fit`` with the same step checkpoints, reproducible data order, non-finite
+checks and strategies as ComDefend's training (``comdefend_tf.training``): a killed run resumes
+at its last checkpointed step, a diverged run raises ``training.NonFiniteTraining`` and writes
+no model; ``save_classifier`` writes ``MODEL_DIR/classifier.keras`` and ``metrics.json``
+atomically.
 """
 
 from __future__ import annotations
@@ -232,12 +234,15 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
                      epochs: int = 5, batch_size: int = 64, learning_rate: float = 1e-3,
                      strategy: str | tf.distribute.Strategy = "default", seed: int = 0,
                      weights_path: str | None = None, steps_per_epoch: int | None = None,
-                     verbose: int | str = "auto",
-                     extra_callbacks: list | None = None) -> tuple[keras.Model, dict]:
+                     verbose: int | str = "auto", extra_callbacks: list | None = None,
+                     checkpoint_every_steps: int = training.DEFAULT_CHECKPOINT_EVERY_STEPS,
+                     ) -> tuple[keras.Model, dict]:
     """Trains a classifier on ``image_data.train`` with cross-entropy on logits and saves it.
 
-    Uses ``fit`` with ``BackupAndRestore`` (a killed run restarted with the same ``model_dir``
-    resumes at the epoch it was in), ``TensorBoard`` and ``TerminateOnNaN``, like
+    Uses ``training.fit_resumable``: checkpoints every ``checkpoint_every_steps`` steps in
+    ``model_dir/backup`` (a killed run restarted with the same ``model_dir`` resumes at the
+    checkpointed step with the batches it had not seen; a finished one only rewrites the
+    model), ``TensorBoard`` logs and ``model_dir/progress.json``, like
     ``comdefend_tf.training.train_comdefend``. Writes ``model_dir/classifier.keras`` and
     ``metrics.json`` (``held_out_accuracy`` in [0, 1], the history, the settings).
 
@@ -248,23 +253,29 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
       epochs, batch_size, learning_rate: Adam training settings.
       strategy: ``default`` or ``mirrored`` (or a strategy object). ``multi_worker`` is refused:
         Keras 3 ``fit`` fails under ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585).
-      seed: seeds initialisation and shuffling.
+      seed: seeds initialisation and the data order.
       weights_path: local ResNet50 weights (see ``build_classifier``).
-      steps_per_epoch: cap on steps per epoch (None: one pass).
+      steps_per_epoch: steps per epoch (None: one pass).
       verbose: Keras progress-bar verbosity.
       extra_callbacks: more Keras callbacks.
+      checkpoint_every_steps: global steps between checkpoints.
 
     Returns:
       ``(classifier, metrics)``.
 
     Raises:
       ValueError: unlabelled data, bad settings or an unsupported strategy.
+      training.NonFiniteTraining: the loss or a weight became NaN or infinite (the checkpoints
+        and any previous model file stay). training.TrainingError: the directory holds a run
+        with other settings.
     """
     if not image_data.num_classes:
         raise ValueError(f"dataset {image_data.name!r} has no labels; a classifier needs labels")
-    if epochs < 1 or batch_size < 1 or learning_rate <= 0:
-        raise ValueError(f"epochs and batch_size must be >= 1 and learning_rate > 0, got "
-                         f"{epochs}, {batch_size}, {learning_rate}")
+    if (epochs < 1 or batch_size < 1 or not 0 < learning_rate < float("inf")
+            or checkpoint_every_steps < 1):
+        raise ValueError(f"epochs, batch_size and checkpoint_every_steps must be >= 1 and "
+                         f"learning_rate > 0, got {epochs}, {batch_size}, "
+                         f"{checkpoint_every_steps}, {learning_rate}")
     if strategy == "multi_worker" or isinstance(strategy,
                                                 tf.distribute.MultiWorkerMirroredStrategy):
         raise ValueError("classifier training supports the default and mirrored strategies; "
@@ -275,28 +286,41 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
     keras.utils.set_random_seed(seed)
     os.makedirs(model_dir, exist_ok=True)
     architecture = choose_architecture(image_data.image_shape, architecture)
+    batches_per_pass = image_data.num_train // batch_size if image_data.num_train else None
+    if batches_per_pass == 0:
+        raise ValueError(f"batch_size {batch_size} exceeds the {image_data.num_train} training "
+                         "images")
+    steps_per_epoch = steps_per_epoch or batches_per_pass
+    if not steps_per_epoch:
+        raise ValueError(f"dataset {image_data.name!r} does not know its size; give "
+                         "steps_per_epoch")
+    total_steps = epochs * steps_per_epoch
     with strategy.scope():
         classifier = build_classifier(image_data.image_shape, image_data.num_classes,
                                       architecture, weights_path=weights_path)
         _compile(classifier, learning_rate)
-    train = data_lib.batched(image_data.train, batch_size, shuffle=True, seed=seed,
-                             drop_remainder=True)
+        classifier.optimizer.build(classifier.trainable_variables)
+    settings = {"kind": "classifier", "architecture": architecture, "dataset": image_data.name,
+                "image_shape": list(image_data.image_shape),
+                "num_classes": image_data.num_classes, "weights_path": weights_path,
+                "batch_size": batch_size, "seed": seed, "steps_per_epoch": steps_per_epoch,
+                "epochs": epochs, "learning_rate": learning_rate}
+    state = training.RunState(model_dir, classifier, classifier.optimizer, settings, strategy)
+    state.restore()
+    state.check_finished_run_unchanged(total_steps)
+    progress = training.Progress(model_dir, total_steps, steps_per_epoch)
+
+    def make_stream(start_step):
+        return training.training_stream(image_data.train, batch_size, seed, start_step,
+                                        total_steps, batches_per_pass)
+
     test = data_lib.batched(image_data.test, batch_size)
-    if steps_per_epoch is None and image_data.num_train:
-        steps_per_epoch = image_data.num_train // batch_size
-    if steps_per_epoch:
-        train = train.repeat()
-    callbacks = [
-        keras.callbacks.BackupAndRestore(os.path.join(model_dir, training.BACKUP_SUBDIR)),
-        keras.callbacks.TensorBoard(os.path.join(model_dir, training.LOG_SUBDIR),
-                                    profile_batch=0),
-        keras.callbacks.TerminateOnNaN(),
-        training._EpochTimer(steps_per_epoch * batch_size if steps_per_epoch else None),
-    ] + list(extra_callbacks or [])
+    callbacks = [keras.callbacks.TensorBoard(os.path.join(model_dir, training.LOG_SUBDIR),
+                                             profile_batch=0)] + list(extra_callbacks or [])
     start = time.perf_counter()
-    history = classifier.fit(train, validation_data=test, epochs=epochs,
-                             steps_per_epoch=steps_per_epoch, callbacks=callbacks,
-                             verbose=verbose)
+    history = training.fit_resumable(classifier, make_stream, test, state, progress, epochs,
+                                     steps_per_epoch, checkpoint_every_steps, callbacks, verbose,
+                                     batch_size)
     seconds = time.perf_counter() - start
     held_out = classifier.evaluate(test, verbose=0, return_dict=True)
     metrics = {
@@ -306,11 +330,16 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
         "architecture": architecture, "dataset": image_data.name,
         "image_shape": list(image_data.image_shape), "num_classes": image_data.num_classes,
         "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-        "steps_per_epoch": steps_per_epoch, "seed": seed, "train_seconds": seconds,
-        "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
-        "history": {key: [float(v) for v in values] for key, values in history.history.items()},
+        "steps_per_epoch": steps_per_epoch, "steps": state.step, "seed": seed,
+        "train_seconds": seconds, "strategy": type(strategy).__name__,
+        "replicas": strategy.num_replicas_in_sync, "history": history,
     }
+    if not training.all_finite(classifier.variables):
+        progress.update(step=state.step, state="diverged")
+        raise training.NonFiniteTraining(state.non_finite_message(state.step, "a weight"),
+                                         state.step, state.checkpoint_step)
     save_classifier(classifier, model_dir, metrics)
+    progress.update(step=state.step, checkpoint_step=state.checkpoint_step, state="done")
     return classifier, metrics
 
 

@@ -5,7 +5,9 @@
 Writes MODEL_DIR/classifier.keras (images float32 [B, H, W, C] in [0, 1] -> logits) and
 metrics.json (held-out accuracy). --architecture=auto picks a small CNN for grayscale digits,
 a ResNet-20-style network for 32x32 RGB and ResNet50 for larger images. A killed run restarted
-with the same --model_dir resumes.
+with the same command resumes at its last checkpoint (every --checkpoint_every_steps steps). A
+run whose loss or weights become NaN or infinite exits non-zero and writes no model (its
+checkpoints and any previous classifier.keras stay).
 """
 
 import sys
@@ -14,6 +16,7 @@ from absl import app, flags
 
 from comdefend_tf import classifiers
 from comdefend_tf import data as data_lib
+from comdefend_tf import training
 from train import flags_common
 
 flags_common.define_data_flags()
@@ -29,7 +32,10 @@ flags.DEFINE_string("weights_path", None, "resnet50 only: a local Keras ResNet50
 flags.DEFINE_string("model_dir", None, "Output directory (resumed if it holds an unfinished run).")
 flags.DEFINE_enum("strategy", "default", ("default", "mirrored"),
                   "tf.distribute strategy (Keras 3 fit does not run under multi_worker).")
-flags.DEFINE_integer("seed", 0, "Seed for initialisation and shuffling.")
+flags.DEFINE_integer("seed", 0, "Seed for initialisation and the data order.")
+flags.DEFINE_integer("checkpoint_every_steps", training.DEFAULT_CHECKPOINT_EVERY_STEPS,
+                     "Optimizer steps between checkpoints in MODEL_DIR/backup (a kill loses at "
+                     "most this many steps).", lower_bound=1)
 flags.mark_flag_as_required("model_dir")
 
 FLAGS = flags.FLAGS
@@ -54,8 +60,9 @@ def main(argv):
             image_data, FLAGS.model_dir, architecture=architecture, epochs=FLAGS.epochs,
             batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
             strategy=FLAGS.strategy, seed=FLAGS.seed, weights_path=FLAGS.weights_path,
-            steps_per_epoch=FLAGS.steps_per_epoch)
-    except (ValueError, FileNotFoundError) as error:
+            steps_per_epoch=FLAGS.steps_per_epoch,
+            checkpoint_every_steps=FLAGS.checkpoint_every_steps)
+    except (ValueError, FileNotFoundError, training.TrainingError) as error:
         sys.exit(f"error: {error}")
     print(f"Held-out accuracy: {100 * metrics['held_out_accuracy']:.2f} % on "
           f"{metrics['num_held_out']} images ({metrics['train_seconds']:.1f} s training)")

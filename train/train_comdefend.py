@@ -4,8 +4,15 @@
         --model_dir=runs/comdefend
 
 Prints per-epoch loss terms with Keras progress bars, then the held-out reconstruction PSNR
-(dB) and code statistics. A killed run restarted with the same --model_dir resumes.
-Flags left unset take the named config's values (one source of truth: comdefend_tf.config).
+(dB) and code statistics. A killed run restarted with the same command resumes at its last
+checkpoint (every --checkpoint_every_steps steps) with the batches it had not seen; a finished
+run only rewrites the model. Flags left unset take the named config's values (one source of
+truth: comdefend_tf.config).
+
+Exits non-zero, without writing or replacing MODEL_DIR/comdefend.keras, when the loss or the
+weights become NaN or infinite (the checkpoints stay: resume with a lower --learning_rate) or
+when the trained purifier collapsed to a constant output (held-out PSNR within
+--collapse_margin_db of predicting the mean image; metrics.json records the verdict).
 """
 
 import sys
@@ -45,7 +52,14 @@ flags.DEFINE_enum("inference_mode", None, config_lib.INFERENCE_MODES,
 flags.DEFINE_string("model_dir", None, "Output directory (resumed if it holds an unfinished run).")
 flags.DEFINE_enum("strategy", "default", training.STRATEGIES,
                   "tf.distribute strategy; multi_worker reads TF_CONFIG.")
-flags.DEFINE_integer("seed", 0, "Seed for initialisation, shuffling and code noise.")
+flags.DEFINE_integer("seed", 0, "Seed for initialisation, the data order and code noise.")
+flags.DEFINE_integer("checkpoint_every_steps", training.DEFAULT_CHECKPOINT_EVERY_STEPS,
+                     "Optimizer steps between checkpoints in MODEL_DIR/backup (a kill loses at "
+                     "most this many steps; the last step is always checkpointed).",
+                     lower_bound=1)
+flags.DEFINE_float("collapse_margin_db", training.DEFAULT_COLLAPSE_MARGIN_DB,
+                   "Held-out PSNR (dB) the purifier must gain over predicting the mean image; "
+                   "below it the run fails as collapsed (constant output). Negative: no check.")
 flags.DEFINE_enum("precision", "float32", precision.PRECISIONS,
                   "Compute precision: float32; bfloat16 (Keras mixed_bfloat16: float32 weights, "
                   "bf16 convolutions, faster on CPUs/GPUs with bf16 units); auto (bfloat16 where "
@@ -61,6 +75,15 @@ def config_from_flags(channels: int) -> config_lib.ComDefendConfig:
         "train_mode", "inference_mode")
         if getattr(FLAGS, name) is not None}
     return config_lib.get_config(FLAGS.config, input_channels=channels, **overrides)
+
+
+def collapse_advice(config: config_lib.ComDefendConfig) -> str:
+    """What to run instead after a collapse (the README's measurements on digits)."""
+    lower = FLAGS.learning_rate / 10
+    warmup = max(config.noise_warmup_steps, 100)
+    return (f"Fix: rerun with --learning_rate={lower:g} --noise_warmup_steps={warmup} and a new "
+            f"--model_dir (the paper widths train on digits with --learning_rate=1e-4 "
+            f"--noise_warmup_steps=100; at the paper's 1e-3 they collapse to black output).")
 
 
 def main(argv):
@@ -81,10 +104,18 @@ def main(argv):
           f"({image_data.num_train} training / {image_data.num_test} held-out images, "
           f"{image_data.image_shape}), train noise std {config.train_noise_std}, "
           f"mode {config.train_mode}, strategy {FLAGS.strategy}, precision {chosen_precision}")
-    _, metrics = training.train_comdefend(
-        config, image_data, FLAGS.model_dir, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-        learning_rate=FLAGS.learning_rate, strategy=strategy, seed=FLAGS.seed,
-        steps_per_epoch=FLAGS.steps_per_epoch)
+    try:
+        _, metrics = training.train_comdefend(
+            config, image_data, FLAGS.model_dir, epochs=FLAGS.epochs,
+            batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate, strategy=strategy,
+            seed=FLAGS.seed, steps_per_epoch=FLAGS.steps_per_epoch,
+            checkpoint_every_steps=FLAGS.checkpoint_every_steps,
+            collapse_margin_db=FLAGS.collapse_margin_db if FLAGS.collapse_margin_db >= 0
+            else None)
+    except training.CollapsedModel as error:
+        sys.exit(f"error: {error}.\n{collapse_advice(config)}")
+    except training.TrainingError as error:
+        sys.exit(f"error: {error}")
     report = metrics["held_out"]
     print(f"Held-out reconstruction PSNR (dB): {report['psnr_db']:.2f} on "
           f"{report['num_images']} images")
