@@ -21,6 +21,7 @@ defense) and on every Keras backend; the geometry is computed from static shapes
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 from keras import ops
@@ -110,3 +111,59 @@ def purify_patchwise(purify_fn: Callable, images, patch_size: int = 32, overlap:
     if num_images == 1:
         return ops.expand_dims(stitched[0], 0)  # no copy, unlike stack
     return ops.stack(stitched)
+
+
+# Peak activation memory of one whole-image call, per pixel, is about the largest
+# (input + output channels) of any convolution, in float32, times this factor: the convolution
+# workspace and the allocator's slack. Measured on CPU (oneDNN) with the paper widths: 5.2-5.3
+# KB per pixel at 256x256 and 512x512 against 1.5 KB of input + output maps, a factor of 3.5.
+ACTIVATION_OVERHEAD = 4
+DEFAULT_ACTIVATION_MEMORY_BYTES = 2 * 2**30
+
+
+def activation_bytes_per_pixel(config) -> int:
+    """Estimated peak bytes per image pixel of one float32 ComDefend call (see
+    ``ACTIVATION_OVERHEAD``): 6144 for the ``paper`` widths, 320 for ``tiny``."""
+    widths = ([config.input_channels, *config.encoder_widths, config.code_channels,
+               *config.decoder_widths, config.input_channels])
+    largest = max(a + b for a, b in zip(widths, widths[1:]))
+    return 4 * largest * ACTIVATION_OVERHEAD
+
+
+def whole_image_pixel_budget(config,
+                             memory_bytes: int = DEFAULT_ACTIVATION_MEMORY_BYTES) -> int:
+    """The most pixels one network call may hold within ``memory_bytes`` of activations
+    (349,525 for the ``paper`` widths and the default 2 GiB: about 590x590)."""
+    return max(1, memory_bytes // activation_bytes_per_pixel(config))
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Exact tiling under a pixel budget: tiles of ``patch_size`` with ``overlap`` (the
+    receptive-field radius) of context, ``batch_size`` windows per call."""
+
+    patch_size: int
+    overlap: int
+    batch_size: int
+
+
+def exact_tiling(config, height: int, width: int, max_pixels: int) -> Tiling:
+    """Tiles whose windows (tile + context on each side) hold at most ``max_pixels`` pixels
+    per network call and whose stitched result equals the whole-image result.
+
+    The window is the largest square within the budget (clipped to the image); the tile is that
+    minus the receptive-field radius on each side; as many windows share a call as fit.
+
+    Raises:
+      ValueError: the budget cannot hold a window of at least three radii square.
+    """
+    overlap = receptive_field_radius(config)
+    side = math.isqrt(max_pixels)
+    patch = side - 2 * overlap
+    if patch < overlap:
+        raise ValueError(f"a pixel budget of {max_pixels:,} is too small for exact tiles: the "
+                         f"receptive-field radius of {overlap} needs windows of at least "
+                         f"{3 * overlap}x{3 * overlap} = {9 * overlap * overlap:,} pixels")
+    window_h = min(patch + 2 * overlap, height)
+    window_w = min(patch + 2 * overlap, width)
+    return Tiling(patch, overlap, max(1, max_pixels // (window_h * window_w)))

@@ -4,10 +4,29 @@ r"""Purifies image files with a ComDefend model directory: PNG/JPEG in, PNG out.
         --input='photos/*.jpg' --output_dir=purified
 
 Each input ``NAME.ext`` becomes ``OUTPUT_DIR/NAME.png`` (rounded to uint8). The command never
-writes into a folder that holds an input and never replaces an existing output unless
-``--overwrite`` is given (both are checked before any work starts). A file that cannot be read
-is reported on stderr by name, the other images are still written, and the exit status is 1.
-One summary line ends each run: images, seconds, mean PSNR of output against input.
+writes into a folder that holds an input, never over an input file, never outside
+``--output_dir``, and never replaces an existing output unless ``--overwrite`` is given (all
+checked before any work starts).
+
+Reading (``comdefend_tf.image_io``): only PNG and JPEG, recognised by content whatever the
+file's name; anything else (EPS, GIF, TIFF, BMP, ... even named ``x.png``) is refused unopened.
+8-bit values are read as value/255, 16-bit PNGs at full precision as value/65535 (the serving
+signatures' rule); palettes are expanded, grey is repeated for a 3-channel model, alpha is
+dropped (colours used as stored, not composited); EXIF orientation is applied so phone photos
+are upright. Refused, by name and with the reason, and skipped while the other files go on:
+files over --max_file_bytes (before reading), images declaring more than --max_image_pixels
+(before decoding: a 69-byte PNG declaring 20000x20000 costs 69 bytes), other formats, corrupt
+or truncated data, JPEGs with other than 1 or 3 colour components, unreadable files, FIFOs and
+devices, and links leading outside the input folder or dangling. ``**`` globs do not follow
+links to folders (no loops). More than --max_files matches stops the run before any work.
+
+Memory: without --patch_size, images above --tile_above_pixels are tiled automatically with
+the receptive-field radius as overlap, which is exactly the whole-image result.
+
+Output: one summary line on stdout (images, seconds, refusals, mean PSNR of output against
+input), then each refused file with its reason on stderr. Exit status: 0 every input was
+purified; 1 the run could not start (flags, unsafe output plan, no inputs, unreadable model;
+nothing written); 2 the run finished but some inputs were refused (the others are written).
 
 To reproduce the authors' released outputs (not recommended for use): ``--channel_order=bgr
 --patch_size=32 --inference_noise_std=1 --uint8_conversion=truncate``.
@@ -50,6 +69,25 @@ flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16"], "Compute prec
 flags.DEFINE_enum("uint8_conversion", "round", ["round", "truncate"], "How outputs become "
                   "uint8: 'round' (correct) or 'truncate', the release's astype(uint8), only to "
                   "reproduce the authors' files.")
+flags.DEFINE_integer("tile_above_pixels", None, "Pixel budget of the default whole-image mode: "
+                     "larger images (height x width) are purified in tiles with the "
+                     "receptive-field radius as overlap, exactly equal to the whole-image "
+                     "result, at most this many window pixels per network call. Default: 2 GiB "
+                     "of activations over the model's estimated bytes per pixel (4 bytes x the "
+                     "widest convolution's input + output channels x 4 for workspace; 349,525 "
+                     "pixels, about 590x590, for the paper widths). 0: never tile (whole "
+                     "images of any size; needs about 6 KB per pixel for the paper widths).",
+                     lower_bound=0)
+flags.DEFINE_integer("max_image_pixels", None, "Refuse images declaring more pixels (height x "
+                     "width) than this, read from the header before decoding. Default: "
+                     "comdefend_tf.image_io.DEFAULT_MAX_PIXELS (100,000,000).", lower_bound=1)
+flags.DEFINE_integer("max_file_bytes", None, "Refuse input files larger than this many bytes, "
+                     "before reading them. Default: comdefend_tf.image_io.DEFAULT_MAX_BYTES "
+                     "(536,870,912 = 512 MiB).", lower_bound=1)
+flags.DEFINE_integer("max_files", None, "Stop before any work if --input matches more files "
+                     "than this (the list of names is held in memory, about 0.3 KB per file). "
+                     "Default: comdefend_tf.image_io.DEFAULT_MAX_FILES (1,000,000).",
+                     lower_bound=1)
 flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
 flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 flags.mark_flags_as_required(["model_dir", "input", "output_dir"])
@@ -60,15 +98,20 @@ def _main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from comdefend_tf import image_io, precision, reference
     from comdefend_tf.model import load_comdefend
+    from comdefend_tf.patches import exact_tiling
     from comdefend_tf.purify_files import OutputPlanError, plan_outputs, purify_files
 
     def fail(message):
         print(f"error: {message}", file=sys.stderr)
         return 1
 
+    def chosen(value, default):
+        return default if value is None else value
+
     try:
-        input_paths = image_io.list_images(FLAGS.input)
-        pairs = plan_outputs(input_paths, FLAGS.output_dir, FLAGS.overwrite)
+        listing = image_io.list_images(
+            FLAGS.input, chosen(FLAGS.max_files, image_io.DEFAULT_MAX_FILES))
+        pairs = plan_outputs(listing.paths, FLAGS.output_dir, FLAGS.overwrite)
         model = load_comdefend(FLAGS.model_dir, inference_noise_std=FLAGS.inference_noise_std,
                                seed=FLAGS.seed)
     except (FileNotFoundError, OutputPlanError, ValueError) as error:
@@ -76,6 +119,11 @@ def _main(argv):
     if FLAGS.channel_order == "bgr" and model.config.input_channels != 3:
         return fail(f"--channel_order=bgr needs a 3-channel model; this one has "
                     f"{model.config.input_channels}")
+    if FLAGS.tile_above_pixels:
+        try:  # a budget too small for exact tiles is refused before any work
+            exact_tiling(model.config, 1, 1, FLAGS.tile_above_pixels)
+        except ValueError as error:
+            return fail(f"--tile_above_pixels: {error}")
     model = precision.convert_model(model, FLAGS.precision)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     to_uint8 = (reference.truncate_to_uint8 if FLAGS.uint8_conversion == "truncate"
@@ -83,10 +131,17 @@ def _main(argv):
     summary = purify_files(
         model, pairs, patch_size=FLAGS.patch_size, overlap=FLAGS.overlap,
         channel_order=FLAGS.channel_order, batch_size=FLAGS.batch_size, to_uint8=to_uint8,
-        progress=FLAGS.progress, on_error=lambda message: print(f"error: {message}",
-                                                               file=sys.stderr))
+        progress=FLAGS.progress, tile_above_pixels=FLAGS.tile_above_pixels,
+        max_image_pixels=chosen(FLAGS.max_image_pixels, image_io.DEFAULT_MAX_PIXELS),
+        max_file_bytes=chosen(FLAGS.max_file_bytes, image_io.DEFAULT_MAX_BYTES),
+        refused=listing.refused)
     print(summary.line())
-    return 1 if summary.failures else 0
+    if summary.failures:
+        print(f"{len(summary.failures)} input(s) refused:", file=sys.stderr)
+        for line in summary.refusals():
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main():
