@@ -15,6 +15,11 @@ Source names accepted by ``load_dataset``:
   (``imagenet2012`` needs ``manual_dir`` and ``image_size``).
 * ``folder:PATH``: one subfolder per class of PNG/JPEG files, the layout of Keras'
   ``image_dataset_from_directory``.
+* ``tfrecord:GLOB``: TFRecord files of ``tf.train.Example`` with an encoded PNG/JPEG in
+  ``image/encoded`` and, optionally, an int64 ``image/class/label`` (the layout
+  ``export/purify_dataset.py`` writes, and TF Model Garden's). Opening it reads every record
+  once to learn the count, the image shape and the classes (from ``image/height``,
+  ``image/width`` and ``image/channels`` when present, else by decoding).
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ import tensorflow as tf
 EMBEDDED_SOURCES = ("mnist5k", "digits", "photos32")
 TFDS_SOURCES = ("mnist", "fashion_mnist", "cifar10", "imagenet2012")
 FOLDER_PREFIX = "folder:"
+TFRECORD_PREFIX = "tfrecord:"
+TFRECORD_IMAGE_FEATURE = "image/encoded"
+TFRECORD_LABEL_FEATURE = "image/class/label"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 COLOR_MODES = {"grayscale": 1, "rgb": 3}
 # The photographs of scikit-image that load without a network and are natural RGB scenes.
@@ -68,7 +76,7 @@ class ImageData:
 
 
 def source_names() -> tuple[str, ...]:
-    return EMBEDDED_SOURCES + TFDS_SOURCES + (FOLDER_PREFIX + "PATH",)
+    return EMBEDDED_SOURCES + TFDS_SOURCES + (FOLDER_PREFIX + "PATH", TFRECORD_PREFIX + "GLOB")
 
 
 def load_dataset(name: str, image_size: Sequence[int] | None = None,
@@ -101,6 +109,9 @@ def load_dataset(name: str, image_size: Sequence[int] | None = None,
     if name.startswith(FOLDER_PREFIX):
         data = _load_folder(name, name[len(FOLDER_PREFIX):], image_size, color_mode,
                             holdout_fraction, split_seed)
+    elif name.startswith(TFRECORD_PREFIX):
+        data = _load_tfrecord(name, name[len(TFRECORD_PREFIX):], image_size, color_mode,
+                              holdout_fraction, split_seed)
     elif name in EMBEDDED_SOURCES:
         images, labels, num_classes = _EMBEDDED_LOADERS[name]()
         data = _split_arrays(name, images, labels, num_classes, holdout_fraction, split_seed)
@@ -351,3 +362,162 @@ def _load_folder(name, path, image_size, color_mode, holdout_fraction, split_see
     return ImageData(name, as_dataset(order[num_test:]), as_dataset(order[:num_test]),
                      (height, width, channels), len(class_names),
                      len(files) - num_test, num_test)
+
+
+# ---------------------------------------------------------------------------- TFRecords
+def _parse_example(serialized):
+    features = tf.io.parse_single_example(serialized, {
+        TFRECORD_IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string, default_value=""),
+        TFRECORD_LABEL_FEATURE: tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+        "image/height": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+        "image/width": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+        "image/channels": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+    })
+    return features
+
+
+def _example_shape_and_label(serialized):
+    """``([height, width, channels] int64, label int64)`` of one record; decodes only when the
+    record does not state its shape."""
+    features = _parse_example(serialized)
+    stated = tf.stack([features["image/height"], features["image/width"],
+                       features["image/channels"]])
+    shape = tf.cond(
+        tf.reduce_all(stated > 0), lambda: stated,
+        lambda: tf.cast(tf.shape(tf.io.decode_image(features[TFRECORD_IMAGE_FEATURE],
+                                                    expand_animations=False)), tf.int64))
+    return shape, features[TFRECORD_LABEL_FEATURE]
+
+
+def _load_tfrecord(name, pattern, image_size, color_mode, holdout_fraction,
+                   split_seed) -> ImageData:
+    import glob
+
+    files = sorted(path for path in glob.glob(pattern, recursive=True) if os.path.isfile(path))
+    if not files:
+        raise DataError(f"tfrecord source {pattern!r} matches no file")
+    records = tf.data.TFRecordDataset(files)
+    shapes, labels = [], []
+    try:
+        for shape, label in records.map(_example_shape_and_label).as_numpy_iterator():
+            shapes.append(tuple(int(v) for v in shape))
+            labels.append(int(label))
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
+        raise DataError(f"tfrecord source {pattern!r}: record {len(shapes)} is not a "
+                        f"tf.train.Example with a decodable {TFRECORD_IMAGE_FEATURE!r}: "
+                        f"{error.message}") from error
+    if not shapes:
+        raise DataError(f"tfrecord source {pattern!r} holds no records")
+    if color_mode is None:
+        channel_counts = {shape[2] for shape in shapes}
+        if channel_counts - {1, 3} or len(channel_counts) > 1:
+            raise DataError(f"tfrecord source {pattern!r} holds images with "
+                            f"{sorted(channel_counts)} channels; give color_mode=grayscale or "
+                            f"rgb")
+        channels = channel_counts.pop()
+    else:
+        channels = COLOR_MODES[color_mode]
+    if image_size is None:
+        sizes = sorted({shape[:2] for shape in shapes})
+        if len(sizes) > 1:
+            raise DataError(f"tfrecord source {pattern!r} mixes image sizes ({sizes[0]} and "
+                            f"{sizes[1]}, ...); give image_size to resize them")
+        height, width = sizes[0]
+    else:
+        height, width = image_size
+    labels = np.asarray(labels, np.int64)
+    labelled = labels >= 0
+    if labelled.any() and not labelled.all():
+        raise DataError(f"tfrecord source {pattern!r} labels only {int(labelled.sum())} of "
+                        f"{len(labels)} records")
+    num_classes = int(labels.max()) + 1 if labelled.all() else None
+
+    order = np.random.default_rng(split_seed).permutation(len(shapes))
+    num_test = max(1, int(round(len(shapes) * holdout_fraction)))
+    is_test = np.zeros(len(shapes), bool)
+    is_test[order[:num_test]] = True
+    is_test = tf.constant(is_test)
+
+    def decode(serialized):
+        features = _parse_example(serialized)
+        image = tf.io.decode_image(features[TFRECORD_IMAGE_FEATURE], channels=channels,
+                                   expand_animations=False, dtype=tf.float32)
+        if image_size is not None:
+            image = tf.clip_by_value(tf.image.resize(image, image_size, antialias=True), 0., 1.)
+        image.set_shape((height, width, channels))
+        return image, features[TFRECORD_LABEL_FEATURE]
+
+    def split(want_test):
+        return (records.enumerate()
+                .filter(lambda index, _: tf.equal(tf.gather(is_test, index), want_test))
+                .map(lambda _, serialized: decode(serialized),
+                     num_parallel_calls=tf.data.AUTOTUNE))
+
+    return ImageData(name, split(False), split(True), (height, width, channels), num_classes,
+                     len(shapes) - num_test, num_test)
+
+
+# ------------------------------------------------------- in-graph decoding of tf.Examples
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def _header_height_width(encoded: tf.Tensor, is_png: tf.Tensor) -> tf.Tensor:
+    """int64 ``[height, width]`` from a PNG's IHDR (bytes 16-23, big-endian) or a JPEG's
+    frame header, without decoding pixels."""
+    def png_size():
+        padded = encoded + tf.constant(b"\0" * 24)  # short data reads zeros, not out of range
+        raw = tf.cast(tf.io.decode_raw(tf.strings.substr(padded, 16, 8), tf.uint8), tf.int64)
+        big_endian = tf.constant([1 << 24, 1 << 16, 1 << 8, 1], tf.int64)
+        width, height = tf.reduce_sum(raw[:4] * big_endian), tf.reduce_sum(raw[4:] * big_endian)
+        return tf.stack([height, width])
+
+    def jpeg_size():
+        return tf.cast(tf.image.extract_jpeg_shape(encoded)[:2], tf.int64)
+
+    return tf.cond(is_png, png_size, jpeg_size)
+
+
+def decode_example_image(serialized: tf.Tensor, channels: int, max_pixels: int) -> tf.Tensor:
+    """One serialized ``tf.train.Example`` -> its ``image/encoded`` image, in the graph.
+
+    For serving signatures that take examples (TF Model Garden's ``tf_example`` input type):
+    checks, in order, before any pixel is decoded, each raising ``InvalidArgumentError`` with a
+    message naming the problem: the example has an ``image/encoded`` feature; it holds PNG or
+    JPEG data; the header's height x width is at least 1 pixel and at most ``max_pixels``.
+    Corrupt data that passes the header checks fails in the decoder with its own message.
+
+    Args:
+      serialized: string scalar, a serialized ``tf.train.Example``.
+      channels: 1 or 3: channels of the result (converted as ``tf.io.decode_image`` does).
+      max_pixels: the most pixels accepted.
+
+    Returns:
+      uint8 ``[height, width, channels]``.
+    """
+    features = tf.io.parse_single_example(serialized, {
+        TFRECORD_IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string, default_value="")})
+    encoded = features[TFRECORD_IMAGE_FEATURE]
+    length = tf.strings.length(encoded)
+    is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_MAGIC), unit="BYTE"), _PNG_MAGIC)
+    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(_JPEG_MAGIC), unit="BYTE"),
+                       _JPEG_MAGIC)
+    has_image = tf.debugging.Assert(
+        length > 0, [f"the example has no {TFRECORD_IMAGE_FEATURE!r} feature (or it is empty)"])
+    with tf.control_dependencies([has_image]):
+        known_format = tf.debugging.Assert(
+            tf.logical_or(is_png, is_jpeg),
+            [f"{TFRECORD_IMAGE_FEATURE!r} must hold a PNG or JPEG image; got", length,
+             "bytes of neither"])
+    with tf.control_dependencies([known_format]):
+        height_width = _header_height_width(encoded, is_png)
+    pixels = height_width[0] * height_width[1]
+    size_ok = tf.debugging.Assert(
+        tf.logical_and(pixels >= 1, pixels <= max_pixels),
+        [f"the image must have 1 to {max_pixels} pixels (max_pixels); its header says height x "
+         "width", height_width], summarize=2)
+    with tf.control_dependencies([size_ok]):
+        encoded = tf.identity(encoded)
+    image = tf.io.decode_image(encoded, channels=channels, dtype=tf.uint8,
+                               expand_animations=False)
+    return tf.ensure_shape(image, [None, None, channels])
