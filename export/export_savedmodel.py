@@ -4,7 +4,8 @@ r"""Exports a trained ComDefend (and optionally a classifier behind it) for TF S
         --classifier_dir=runs/classifier --export_base=/abs/path/exports/comdefend
 
 Writes ``EXPORT_BASE/VERSION/`` (a SavedModel in the layout TF Serving watches) atomically:
-built in a hidden temporary folder beside it and renamed into place. ``--version`` defaults to
+built in a hidden temporary folder beside it, flushed to disk and renamed into place (the hidden
+folders of exports that were killed are removed by the next export). ``--version`` defaults to
 one more than the highest existing version; an existing version is only replaced with
 ``--overwrite``. Signatures: ``purify`` (float images), ``purify_bytes`` (PNG/JPEG bytes),
 ``classify`` (with ``--classifier_dir``) and ``serving_default`` (``classify`` if present, else
@@ -38,8 +39,11 @@ flags.DEFINE_bool("overwrite", False, "Replace the version folder if it already 
 flags.DEFINE_float("inference_noise_std", None, "Standard deviation of the code noise in the "
                    "served graph (0: deterministic; the release used 1.0). Default: the "
                    "model's own setting.", lower_bound=0.0)
-flags.DEFINE_integer("noise_seed", None, "Seed of the served noise generator (only with "
-                     "noise; default random).")
+flags.DEFINE_integer("noise_seed", None, "Seed of the served noise (only with noise). Default: "
+                     "none, and every process that loads the export seeds its noise from the "
+                     "OS's entropy, so the draws cannot be predicted from the files. With a "
+                     "seed every process replays the same draws: reproducible, and predictable "
+                     "by anyone holding the export (tests and audits only).", lower_bound=0)
 flags.DEFINE_integer("patch_size", None, "Images are purified in tiles of this many pixels "
                      "inside the graph (bounds server memory). Default: the library's "
                      "ExportSettings.patch_size.", lower_bound=1)
@@ -48,9 +52,13 @@ flags.DEFINE_integer("patch_overlap", None, "Context pixels around each tile, pu
                      "tiled output equals whole-image output; 0 gives seams.", lower_bound=0)
 flags.DEFINE_integer("patch_batch_size", None, "Tiles per network call inside the graph "
                      "(peak memory grows with it). Default: the library's.", lower_bound=1)
-flags.DEFINE_integer("max_pixels", None, "Requests with more pixels (batch x height x width) "
-                     "are refused with InvalidArgumentError. Default: the library's "
-                     "(4096 x 4096).", lower_bound=1)
+flags.DEFINE_integer("max_pixels", None, "Requests with more pixels, summed over their "
+                     "images (batch x height x width; for encoded images the sizes their "
+                     "headers declare), are refused with InvalidArgumentError. Default: the "
+                     "library's ExportSettings.max_pixels (4096 x 4096).", lower_bound=1)
+flags.DEFINE_integer("max_batch_size", None, "Requests with more images are refused with "
+                     "InvalidArgumentError (every signature). Default: the library's "
+                     "ExportSettings.max_batch_size (1024).", lower_bound=1)
 flags.DEFINE_enum("classifier_outputs", None, ["auto", "logits", "probabilities"], "What the "
                   "classifier's last layer emits; 'auto' treats a softmax last layer as "
                   "probabilities and anything else as logits. Default: auto.")
@@ -63,7 +71,8 @@ def settings_from_flags():
 
     given = {name: getattr(FLAGS, name) for name in (
         "inference_noise_std", "noise_seed", "patch_size", "patch_overlap", "patch_batch_size",
-        "max_pixels", "classifier_outputs") if getattr(FLAGS, name) is not None}
+        "max_pixels", "max_batch_size", "classifier_outputs")
+        if getattr(FLAGS, name) is not None}
     return serving.ExportSettings(**given)
 
 
@@ -91,6 +100,10 @@ def main(argv):
                     else None)
     commands = serving.next_step_commands(version_dir, purifier.config.input_channels,
                                           height_width or (32, 32))
+    if settings.noise_seed is not None:
+        print(f"Warning: --noise_seed={settings.noise_seed} makes the served noise reproducible "
+              "in every process that loads this export, hence predictable by anyone who has "
+              "it; export without --noise_seed for production.", file=sys.stderr)
     print(f"Exported SavedModel: {version_dir}")
     print(f"Signatures: {', '.join(signatures)}; serving_default = {signatures[0]}")
     print(f"Inspect it:  {commands['show']}")
