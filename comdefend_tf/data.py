@@ -503,11 +503,11 @@ def decode_example_image(serialized: tf.Tensor, channels: int, max_pixels: int) 
     is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(_JPEG_MAGIC), unit="BYTE"),
                        _JPEG_MAGIC)
     has_image = tf.debugging.Assert(
-        length > 0, [f"the example has no {TFRECORD_IMAGE_FEATURE!r} feature (or it is empty)"])
+        length > 0, [f"the example has no {TFRECORD_IMAGE_FEATURE} feature (or it is empty)"])
     with tf.control_dependencies([has_image]):
         known_format = tf.debugging.Assert(
             tf.logical_or(is_png, is_jpeg),
-            [f"{TFRECORD_IMAGE_FEATURE!r} must hold a PNG or JPEG image; got", length,
+            [f"{TFRECORD_IMAGE_FEATURE} must hold a PNG or JPEG image; got", length,
              "bytes of neither"])
     with tf.control_dependencies([known_format]):
         height_width = _header_height_width(encoded, is_png)

@@ -133,3 +133,127 @@ def test_mixed_channels_need_a_color_mode(tmp_path):
 def test_unknown_source_lists_the_choices():
     with pytest.raises(data.DataError, match="mnist5k"):
         data.load_dataset("nonsense")
+
+
+# ---------------------------------------------------------------------- tfrecord:GLOB
+def _png_bytes(pixels):
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _example(encoded, label=None, shape=None):
+    import tensorflow as tf
+
+    feature = {"image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded]))}
+    if label is not None:
+        feature["image/class/label"] = tf.train.Feature(int64_list=tf.train.Int64List(
+            value=[label]))
+    if shape is not None:
+        for name, value in zip(("height", "width", "channels"), shape):
+            feature[f"image/{name}"] = tf.train.Feature(int64_list=tf.train.Int64List(
+                value=[value]))
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def _write_records(path, serialized):
+    import tensorflow as tf
+
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for record in serialized:
+            writer.write(record)
+
+
+@pytest.mark.parametrize("state_shape", [True, False])
+def test_tfrecord_source_pixels_labels_and_split(tmp_path, state_shape):
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (6, 7), dtype=np.uint8) for _ in range(10)]
+    records = [_example(_png_bytes(p), label=i % 4, shape=(6, 7, 1) if state_shape else None)
+               for i, p in enumerate(pixels)]
+    _write_records(tmp_path / "part-0.tfrecord", records[:6])
+    _write_records(tmp_path / "part-1.tfrecord", records[6:])
+    image_data = data.load_dataset(f"tfrecord:{tmp_path}/part-*.tfrecord", holdout_fraction=0.2)
+    assert (image_data.num_train, image_data.num_test) == (8, 2)
+    _check(image_data, (6, 7, 1), 4, count=8)
+    images, labels = data.take_arrays(image_data.train.concatenate(image_data.test))
+    got = sorted((int(label), np.round(image[..., 0] * 255).astype(np.uint8).tobytes())
+                 for image, label in zip(images, labels))
+    assert got == sorted((i % 4, p.tobytes()) for i, p in enumerate(pixels))
+    again = data.load_dataset(f"tfrecord:{tmp_path}/part-*.tfrecord", holdout_fraction=0.2)
+    first_test = data.take_arrays(image_data.test)[0]
+    np.testing.assert_array_equal(data.take_arrays(again.test)[0], first_test)
+
+
+def test_tfrecord_source_unlabelled_and_resized(tmp_path):
+    rng = np.random.default_rng(1)
+    records = [_example(_png_bytes(rng.integers(0, 256, size + (3,), dtype=np.uint8)))
+               for size in [(5, 5), (9, 4), (5, 5)]]
+    _write_records(tmp_path / "x.tfrecord", records)
+    with pytest.raises(data.DataError, match="mixes image sizes"):
+        data.load_dataset(f"tfrecord:{tmp_path}/x.tfrecord")
+    image_data = data.load_dataset(f"tfrecord:{tmp_path}/x.tfrecord", image_size=(4, 4),
+                                   color_mode="grayscale", holdout_fraction=0.34)
+    _, labels = _check(image_data, (4, 4, 1), None, count=2)
+    assert (labels == -1).all()
+
+
+def test_bad_tfrecord_sources_fail_clearly(tmp_path):
+    with pytest.raises(data.DataError, match="matches no file"):
+        data.load_dataset(f"tfrecord:{tmp_path}/*.tfrecord")
+    _write_records(tmp_path / "bad.tfrecord", [_example(b"not an image", label=0)])
+    with pytest.raises(data.DataError, match="record 0 .*image/encoded"):
+        data.load_dataset(f"tfrecord:{tmp_path}/bad.tfrecord")
+    ok = _example(_png_bytes(np.zeros((4, 4), np.uint8)), label=1)
+    _write_records(tmp_path / "half.tfrecord", [ok, _example(_png_bytes(np.zeros((4, 4),
+                                                                          np.uint8)))])
+    with pytest.raises(data.DataError, match="labels only 1 of 2"):
+        data.load_dataset(f"tfrecord:{tmp_path}/half.tfrecord")
+
+
+# ------------------------------------------------------------ in-graph example decoding
+def _decode_in_graph(serialized, channels=1, max_pixels=10_000):
+    import tensorflow as tf
+
+    decode = tf.function(lambda record: data.decode_example_image(record, channels, max_pixels),
+                         input_signature=[tf.TensorSpec([], tf.string)])
+    return decode(tf.constant(serialized)).numpy()
+
+
+def test_decode_example_image_gives_the_pixels():
+    import io
+
+    pixels = np.random.default_rng(2).integers(0, 256, (9, 13), dtype=np.uint8)
+    np.testing.assert_array_equal(_decode_in_graph(_example(_png_bytes(pixels), 3))[..., 0],
+                                  pixels)
+    rgb = _decode_in_graph(_example(_png_bytes(pixels)), channels=3)
+    assert rgb.shape == (9, 13, 3) and (rgb == pixels[..., None]).all()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    jpeg = _decode_in_graph(_example(buffer.getvalue()))
+    assert jpeg.shape == (9, 13, 1) and np.abs(jpeg[..., 0].astype(int) - pixels).mean() < 8
+
+
+def test_decode_example_image_refuses_before_decoding():
+    import io
+
+    import tensorflow as tf
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="no image/encoded feature"):
+        _decode_in_graph(tf.train.Example().SerializeToString())
+    with pytest.raises(tf.errors.InvalidArgumentError, match="PNG or JPEG"):
+        _decode_in_graph(_example(b"GIF89a" + b"\0" * 30))
+    big = _png_bytes(np.zeros((120, 100), np.uint8))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"max_pixels.*\[120 100\]"):
+        _decode_in_graph(_example(big))
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((120, 100), np.uint8)).save(buffer, format="JPEG")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"max_pixels.*\[120 100\]"):
+        _decode_in_graph(_example(buffer.getvalue()))
+    # A PNG header claiming 100000 x 100000 pixels is refused from the header alone: the
+    # decoder would otherwise try to allocate 10 GB.
+    bomb = bytearray(big)
+    bomb[16:24] = (100_000).to_bytes(4, "big") * 2
+    with pytest.raises(tf.errors.InvalidArgumentError, match="max_pixels"):
+        _decode_in_graph(_example(bytes(bomb)), max_pixels=10**9)
