@@ -12,17 +12,33 @@ cleverhans 4.0.0 (installed with ``pip install --no-deps cleverhans==4.0.0``; se
   learning rate out, builds a fresh optimizer per batch (a Keras 3 optimizer is bound to the
   variables it was built with) and slices the true labels per batch for an untargeted attack
   (upstream treats any given ``y`` as a target).
+* ``CarliniWagnerL2._attack`` builds its trade-off constant with the *image* shape
+  (``tf.ones(shape) * initial_const``) and multiplies it by the per-example loss ``[batch]``
+  (upstream issue 1205). On grayscale batches ``[B, H, W, 1] * [B]`` broadcasts silently to
+  ``[B, H, W, B]``: every example's misclassification loss is weighted by about
+  ``B * H * W * initial_const`` (~1e5), so the L2 penalty is switched off and the result depends
+  on the batch size; on RGB it crashes unless the batch size is 1 or 3. ``_attack`` below is
+  the same algorithm (tanh change of variables, Adam, binary search over the constant) with the
+  constant, its bounds and the early abort kept per example (``[batch]``), so every example is
+  attacked exactly as if it were alone: the result does not depend on the batch size. The
+  binary search follows Carlini and Wagner: an example that succeeded in this round lowers its
+  upper bound, one that did not raises its lower bound (or multiplies the constant by 10 while
+  no upper bound is known); success applies ``confidence`` to the logit margin.
 * ``spsa`` builds ``SPSAAdam(lr=...)``, which Keras 3 rejects (``Argument(s) not recognized:
-  {'lr': 0.01}``). ``SPSAAdam`` below accepts ``lr`` and ``spsa`` uses it with upstream's
-  ``projected_optimization`` and ``margin_logit_loss``.
+  {'lr': 0.01}``). ``SPSAAdam`` below accepts ``lr``. Upstream's ``projected_optimization``
+  also returns its *last* iterate, which can be worse than an earlier one (Adam overshoots a
+  narrow region of misclassification); ``spsa`` below runs the same projected SPSA-Adam steps
+  from upstream's optimizer and projection but returns the iterate with the lowest loss seen
+  (the random start included).
 
-Everything else is upstream code, imported, not copied.
+Upstream's losses, gradients, optimizer updates and projections are imported, not copied.
 """
 
 from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 from cleverhans.tf2.attacks import carlini_wagner_l2 as _cw
 from cleverhans.tf2.attacks import spsa as _spsa
 
@@ -69,6 +85,74 @@ class CarliniWagnerL2(_cw.CarliniWagnerL2):
             adversarial[start:stop] = np.asarray(self._attack(x[start:stop]))
         return adversarial
 
+    def _attack(self, x):
+        """One batch: numpy or tensor ``[B, H, W, C]`` in ``[clip_min, clip_max]`` -> the
+        smallest-L2 successful image per example (the input where none was found)."""
+        original = tf.cast(x, tf.float32)
+        if np.any(original.numpy() < self.clip_min) or np.any(original.numpy() > self.clip_max):
+            raise _cw.CarliniWagnerL2Exception(
+                f"the input must lie in [{self.clip_min}, {self.clip_max}]")
+        y, _ = _cw.get_or_guess_labels(self.model_fn, original, y=self.y,
+                                       targeted=self.targeted)
+        y = tf.cast(y, tf.float32)
+        batch = int(original.shape[0])
+        scaled = tf.clip_by_value((original - self.clip_min) / (self.clip_max - self.clip_min),
+                                  0.0, 1.0)
+        tanh_x = tf.atanh((scaled * 2.0 - 1.0) * 0.999999)
+        # Per-example binary-search state: [batch], never the image shape (upstream's bug).
+        lower = np.zeros(batch)
+        upper = np.full(batch, 1e10)
+        const = np.full(batch, float(self.initial_const))
+        best_l2 = np.full(batch, np.inf)
+        best_attack = original.numpy().copy()
+        modifier = tf.Variable(tf.zeros_like(tanh_x), trainable=True)
+        check_every = (self.max_iterations // 10) or 1
+        for outer_step in range(self.binary_search_steps):
+            modifier.assign(tf.zeros_like(tanh_x))
+            for variable in self.optimizer.variables():
+                variable.assign(tf.zeros(variable.shape, dtype=variable.dtype))
+            if self.binary_search_steps >= 10 and outer_step == self.binary_search_steps - 1:
+                const = upper.copy()
+            succeeded = np.zeros(batch, bool)
+            running = np.ones(batch, bool)
+            previous_loss = np.full(batch, np.inf)
+            const_tensor = tf.constant(const, tf.float32)
+            for iteration in range(self.max_iterations):
+                before = tf.identity(modifier)
+                x_new, _, logits, l2_dist = self.attack_step(tanh_x, y, modifier,
+                                                             const_tensor)
+                # Examples that stopped keep their modifier (Adam still sees them, but their
+                # point never moves again, so they are attacked as if alone).
+                keep = tf.reshape(tf.constant(~running), [-1, 1, 1, 1])
+                modifier.assign(tf.where(keep, before, modifier))
+                margin = self._margin(logits.numpy(), y.numpy())
+                l2_dist = l2_dist.numpy()
+                success = running & (margin > self.confidence)
+                succeeded |= success
+                better = success & (l2_dist < best_l2)
+                if better.any():
+                    best_l2[better] = l2_dist[better]
+                    best_attack[better] = x_new.numpy()[better]
+                if self.abort_early and iteration % check_every == 0:
+                    loss = l2_dist + const * np.maximum(0.0, self.confidence - margin)
+                    running &= ~(loss > previous_loss * 0.9999)
+                    previous_loss = np.where(running, loss, previous_loss)
+                    if not running.any():
+                        break
+            upper = np.where(succeeded, np.minimum(upper, const), upper)
+            lower = np.where(succeeded, lower, np.maximum(lower, const))
+            bounded = upper < 1e9
+            const = np.where(bounded, (lower + upper) / 2.0,
+                             np.where(succeeded, const, const * 10.0))
+        return best_attack
+
+    def _margin(self, logits, one_hot):
+        """How far each example is past the decision boundary (> 0: adversarial): the best
+        other logit minus the label's (untargeted) or the target's minus the best other."""
+        label_logit = np.sum(one_hot * logits, axis=1)
+        other = np.max(np.where(one_hot > 0.5, -np.inf, logits), axis=1)
+        return label_logit - other if self.targeted else other - label_logit
+
 
 def carlini_wagner_l2(model_fn, x, **kwargs):
     """Function interface, as upstream: ``CarliniWagnerL2(model_fn, **kwargs).attack(x)``."""
@@ -93,12 +177,19 @@ class SPSAAdam(_spsa.SPSAAdam):
 
 def spsa(model_fn, x, y, eps, nb_iter, clip_min=None, clip_max=None, targeted=False,
          early_stop_loss_threshold=None, learning_rate=0.01, delta=0.01, spsa_samples=128,
-         spsa_iters=1, is_debug=False):
-    """Upstream's ``spsa`` (Uesato et al. 2018, L-inf, gradient-free) with ``SPSAAdam`` above.
+         spsa_iters=1, is_debug=False, seed=None):
+    """SPSA (Uesato et al. 2018, L-inf, gradient-free) with upstream's ``SPSAAdam`` steps and
+    projection, returning the best iterate.
 
     ``x``: float32 tensor ``[1, H, W, C]`` (SPSA works on one image at a time); ``y``: int
-    ``[1]`` true label (or target when ``targeted``). Returns the adversarial image tensor,
-    within ``eps`` of ``x`` in L-inf and inside ``[clip_min, clip_max]``.
+    ``[1]`` true label (or target when ``targeted``). The loss is upstream's margin loss (the
+    label's logit minus the best other one untargeted; negative = misclassified). Starting from
+    a uniform random point of the eps ball, ``nb_iter`` steps are taken; the returned image is
+    the iterate with the lowest loss seen (so a misclassified iterate is never traded for a
+    later, correctly classified one), within ``eps`` of ``x`` in L-inf and inside
+    ``[clip_min, clip_max]``. ``early_stop_loss_threshold``: stop once the loss is below it.
+    ``seed``: seed of the random start (None: TensorFlow's global generator). ``is_debug``
+    prints the loss per step.
     """
     if x.get_shape().as_list()[0] != 1:
         raise ValueError("SPSA works on one image at a time: x must have batch size 1")
@@ -110,5 +201,25 @@ def spsa(model_fn, x, y, eps, nb_iter, clip_min=None, clip_max=None, targeted=Fa
         sign = 1 if targeted else -1
         return sign * _spsa.margin_logit_loss(logits, label, nb_classes=logits.shape[-1])
 
-    return _spsa.projected_optimization(loss_fn, x, y, eps, nb_iter, optimizer, clip_min,
-                                        clip_max, early_stop_loss_threshold, is_debug=is_debug)
+    if seed is None:
+        start = tf.random.uniform(tf.shape(x), -eps, eps, dtype=x.dtype)
+    else:
+        start = tf.random.Generator.from_seed(seed).uniform(tf.shape(x), -eps, eps,
+                                                             dtype=x.dtype)
+    perturbation = _spsa._project_perturbation(start, eps, x, clip_min=clip_min,
+                                               clip_max=clip_max)
+    state = optimizer.init_state([perturbation])
+    best = perturbation
+    best_loss = float(tf.reduce_mean(loss_fn(x + perturbation, y)))
+    for step in range(nb_iter):
+        updated, state = optimizer.minimize(lambda p: loss_fn(x + p, y), [perturbation], state)
+        perturbation = _spsa._project_perturbation(updated[0], eps, x, clip_min=clip_min,
+                                                   clip_max=clip_max)
+        loss = float(tf.reduce_mean(loss_fn(x + perturbation, y)))
+        if is_debug:
+            print(f"spsa step {step}: loss {loss:.6g} (best {min(loss, best_loss):.6g})")
+        if loss < best_loss:
+            best, best_loss = perturbation, loss
+        if early_stop_loss_threshold is not None and loss < early_stop_loss_threshold:
+            break
+    return x + best
