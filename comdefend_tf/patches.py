@@ -12,6 +12,11 @@ alone (its own zero padding and noise draw) and stitches them back. This module 
   ends at the image edge; it only contributes the pixels no earlier tile owns. Windows never
   leave the image, so no artificial padding content is ever purified.
 * Memory: at most ``batch_size`` windows are in the network at once, whatever the image size.
+  ``exact_tiling`` picks the tile size, overlap (the receptive-field radius) and batch so that
+  one call holds at most a given number of window pixels, and ``whole_image_pixel_budget``
+  derives that number from the model's widths and an activation-memory target (2 GiB:
+  349,525 pixels for the ``paper`` widths, whose whole-image mode needs about 6 KB per pixel,
+  tens of GB for a 24-megapixel photo).
 
 All windows of one image have the same shape, so tiles from every image in the batch share
 network calls. Works with any callable from images to images (a ComDefend model, a baseline

@@ -153,8 +153,9 @@ class PurifySummary:
                 f"{refused}; mean PSNR of output vs input {mean_psnr}")
 
     def refusals(self) -> list[str]:
-        """One line per refused input: ``refused PATH: REASON``."""
-        return [f"refused {path}: {reason}" for path, reason in self.failures]
+        """One line per refused input: ``refused 'PATH': REASON`` (the path quoted as Python
+        would, so a hostile name cannot forge lines or terminal escapes)."""
+        return [f"refused {path!r}: {reason}" for path, reason in self.failures]
 
 
 def purify_files(model, pairs: Sequence[tuple[str, str]], patch_size: int = 0, overlap: int = 0,
@@ -183,7 +184,7 @@ def purify_files(model, pairs: Sequence[tuple[str, str]], patch_size: int = 0, o
     def refuse(path, reason):
         summary.failures.append((path, reason))
         if on_error:
-            on_error(f"refused {path}: {reason}")
+            on_error(f"refused {path!r}: {reason}")
 
     for source, target in tqdm(pairs, desc="purify", unit="image", disable=not progress,
                                file=sys.stderr):

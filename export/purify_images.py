@@ -116,6 +116,9 @@ def _main(argv):
                                seed=FLAGS.seed)
     except (FileNotFoundError, OutputPlanError, ValueError) as error:
         return fail(error)
+    if model.config.input_channels not in (1, 3):
+        return fail(f"the model takes {model.config.input_channels}-channel images; image files "
+                    f"are read as grey (1) or RGB (3)")
     if FLAGS.channel_order == "bgr" and model.config.input_channels != 3:
         return fail(f"--channel_order=bgr needs a 3-channel model; this one has "
                     f"{model.config.input_channels}")

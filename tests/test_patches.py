@@ -5,7 +5,8 @@ import pytest
 
 from comdefend_tf.config import get_config
 from comdefend_tf.model import ComDefend
-from comdefend_tf.patches import purify_patchwise, receptive_field_radius
+from comdefend_tf.patches import (activation_bytes_per_pixel, exact_tiling, purify_patchwise,
+                                  receptive_field_radius, whole_image_pixel_budget)
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +84,28 @@ def test_bad_arguments_are_refused(model):
         purify_patchwise(model, _images((1, 8, 8, 3)), 4, -1)
     with pytest.raises(ValueError, match=r"\[batch, height, width, channels\]"):
         purify_patchwise(model, _images((8, 8, 3)), 4)
+
+
+def test_exact_tiling_fits_the_budget_and_equals_whole_image(model):
+    images = _images((1, 9, 70, 3), seed=4)  # a thin strip: windows are clipped to 9 rows
+    budget = 20 * 20
+    tiling = exact_tiling(model.config, 9, 70, budget)
+    window_w = tiling.patch_size + 2 * tiling.overlap
+    assert tiling.overlap == receptive_field_radius(model.config)
+    assert tiling.batch_size == budget // (9 * window_w) > 1  # more thin windows per call
+    calls = []
+
+    def recording_purifier(windows):
+        calls.append(tuple(windows.shape))
+        return model(windows)
+
+    tiled = purify_patchwise(recording_purifier, images, tiling.patch_size, tiling.overlap,
+                             tiling.batch_size)
+    assert max(n * h * w for n, h, w, _ in calls) <= budget
+    np.testing.assert_allclose(np.asarray(tiled), np.asarray(model(images)), atol=1e-6)
+
+
+def test_activation_estimate_uses_the_widest_convolution():
+    assert activation_bytes_per_pixel(get_config("paper")) == 4 * (128 + 256) * 4
+    assert activation_bytes_per_pixel(get_config("tiny")) == 4 * (8 + 12) * 4
+    assert whole_image_pixel_budget(get_config("paper"), 6144 * 1000) == 1000
