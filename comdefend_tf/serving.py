@@ -489,6 +489,16 @@ def _decode_declared(encoded: tf.Tensor, is_png: tf.Tensor, height: tf.Tensor, w
            tf.stack([height, width])])], image)
 
 
+def decode_image_bytes(encoded: tf.Tensor, channels: int) -> tf.Tensor:
+    """One encoded PNG or JPEG (a string scalar) -> float32 ``[height, width, channels]`` in
+    [0, 1], exactly as ``purify_bytes`` reads it: the header checked and its declared size read
+    first (``declared_sizes``), then PNG decoded as ``uint16 / 65535`` and JPEG as
+    ``uint8 / 255``. No size limit is applied here (``purify_bytes`` applies ``max_pixels``)."""
+    encoded = tf.reshape(tf.convert_to_tensor(encoded, tf.string), [1])
+    heights, widths, is_png = declared_sizes(encoded)
+    return _decode_declared(encoded[0], is_png[0], heights[0], widths[0], channels)
+
+
 def _to_png(purified: tf.Tensor) -> tf.Tensor:
     """float ``[height, width, C]`` in [0, 1] -> an 8-bit PNG string (rounded, clipped)."""
     pixels = tf.cast(tf.round(tf.clip_by_value(purified, 0.0, 1.0) * 255.0), tf.uint8)

@@ -188,3 +188,185 @@ def test_settings_are_validated():
         serving.ExportSettings(inference_noise_std=-1.0)
     with pytest.raises(ValueError, match="classifier_outputs"):
         serving.ExportSettings(classifier_outputs="scores")
+
+
+# ------------------------------------------------ declared sizes, per-request limits, work
+from tools.hostile_requests import png_with_header  # noqa: E402
+
+
+def _jpeg_declaring(height, width):
+    jpeg = tf.io.encode_jpeg(np.zeros((5, 7, 3), np.uint8)).numpy()
+    index = jpeg.find(b"\xff\xc0")  # baseline SOF0: length, precision, height, width
+    return jpeg[:index + 5] + int(height).to_bytes(2, "big") + int(width).to_bytes(2, "big") + \
+        jpeg[index + 9:]
+
+
+def test_a_png_declaring_a_huge_size_is_refused_from_its_header(rgb_purifier):
+    purify_bytes = _signatures(rgb_purifier)["purify_bytes"]  # default max_pixels
+    bomb = png_with_header(20000, 20000)  # 69 bytes declaring 400 million pixels
+    assert len(bomb) < 100
+    message = _error_message(lambda: purify_bytes(tf.constant([bomb])))
+    assert "too many pixels" in message and "declare" in message and "[20000 20000]" in message
+    huge = _error_message(lambda: purify_bytes(tf.constant([png_with_header(2**31 - 1, 3)])))
+    assert "too many pixels" in huge and "2147483647" in huge
+
+
+def test_the_declared_size_is_checked_before_the_decoder_runs(rgb_signatures):
+    # 100x100 declared, IDAT garbage: the decoder would fail ("Invalid PNG data"); the size
+    # check must speak first, so nothing was decoded (or allocated) for it.
+    declared_only = png_with_header(100, 100, idat=b"not zlib data")
+    message = _error_message(lambda: rgb_signatures["purify_bytes"](tf.constant([declared_only])))
+    assert "too many pixels" in message and "Invalid PNG" not in message
+    jpeg = _error_message(lambda: rgb_signatures["purify_bytes"](
+        tf.constant([_jpeg_declaring(60000, 60000)])))
+    assert "too many pixels" in jpeg and "[60000 60000]" in jpeg
+
+
+@pytest.mark.parametrize("encoded, expected", [
+    (png_with_header(5, 5, bad_crc=True), "CRC does not match"),
+    (png_with_header(0, 5), "width or height of 0"),
+    (png_with_header(2**31, 5), "over 2**31 - 1"),
+    (png_with_header(5, 5)[:20], "truncated PNG"),
+    (png_with_header(5, 5)[:11] + b"\x0e" + png_with_header(5, 5)[12:], "13-byte IHDR"),
+    (b"GIF89a" + b"\x00" * 40, "PNG or JPEG"),
+    (b"", "PNG or JPEG"),
+    (_jpeg_declaring(65535, 65535), "JPEG"),
+])
+def test_bad_headers_are_refused_with_a_named_problem(rgb_signatures, encoded, expected):
+    valid = tf.io.encode_png(np.zeros((3, 3, 3), np.uint8)).numpy()
+    message = _error_message(lambda: rgb_signatures["purify_bytes"](
+        tf.constant([valid, encoded])))
+    assert expected in message
+    if expected != "JPEG":  # libjpeg's own message does not say which element
+        assert "element] [1]" in message  # the bad one, not the valid one before it
+
+
+def test_max_pixels_is_per_request_in_purify_bytes(rgb_signatures):
+    purify_bytes = rgb_signatures["purify_bytes"]  # max_pixels=3000
+    image = tf.io.encode_png(np.zeros((40, 40, 3), np.uint8)).numpy()  # 1600 pixels
+    assert purify_bytes(tf.constant([image]))["purified_png_bytes"].shape == (1,)
+    message = _error_message(lambda: purify_bytes(tf.constant([image, image])))
+    assert "too many pixels" in message and "3200" in message
+    jpeg = tf.io.encode_jpeg(np.zeros((40, 40, 3), np.uint8)).numpy()
+    assert "too many pixels" in _error_message(lambda: purify_bytes(tf.constant([image, jpeg])))
+
+
+def test_the_batch_length_is_capped_in_every_signature(gray_purifier):
+    signatures = _signatures(gray_purifier, _tiny_classifier(False), max_batch_size=3)
+    png = tf.io.encode_png(np.zeros((8, 8, 1), np.uint8)).numpy()
+    assert signatures["purify"](_images((3, 2, 2, 1)))["purified"].shape == (3, 2, 2, 1)
+    for name, request in [("purify", _images((4, 2, 2, 1))),
+                          ("classify", _images((4, 8, 8, 1))),
+                          ("purify_bytes", tf.constant([png] * 4))]:
+        message = _error_message(lambda: signatures[name](request))
+        assert "too many images: at most 3" in message and "max_batch_size" in message
+
+
+def test_millions_of_tiny_images_are_refused_at_once_by_default(rgb_signatures):
+    assert serving.ExportSettings().max_batch_size == 1024
+    message = _error_message(lambda: rgb_signatures["purify"](tf.zeros([2_000_000, 1, 1, 3])))
+    assert "too many images" in message
+
+
+def test_windows_are_chunked_by_pixels_not_by_count():
+    calls = tf.Variable(0)
+
+    @tf.function
+    def run(images, patch_size, overlap, chunk_pixels):
+        def identity(windows):
+            calls.assign_add(1)
+            return {"purified": windows}
+        return purify_patchwise_graph(identity, images, patch_size, overlap, chunk_pixels,
+                                      {"purified": (tf.float32, 1)})["purified"]
+
+    purify_patchwise_graph = serving.purify_patchwise_graph
+    chunk_pixels = serving.chunk_pixels_for(4, 2, 1)  # one 8x8 window = 64 pixels
+    tiny = _images((1000, 1, 1, 1))
+    np.testing.assert_array_equal(run(tiny, 4, 2, chunk_pixels).numpy(), tiny)
+    assert int(calls.numpy()) == 16  # 1000 1x1 windows, 64 per call (not 1000 calls)
+    calls.assign(0)
+    large = _images((1, 20, 20, 1), seed=1)
+    np.testing.assert_array_equal(run(large, 4, 2, chunk_pixels).numpy(), large)
+    assert int(calls.numpy()) == 25  # 5x5 tiles, one full-size window per call
+
+
+class _BatchAtMost(keras.layers.Layer):
+    """Identity that fails when it sees more than ``limit`` images at once."""
+
+    def __init__(self, limit, **kwargs):
+        super().__init__(**kwargs)
+        self.limit = limit
+
+    def call(self, images):
+        check = tf.debugging.assert_less_equal(
+            tf.shape(images)[0], self.limit, message="the classifier saw a batch over the chunk")
+        with tf.control_dependencies([check]):
+            return tf.identity(images)
+
+
+def test_classify_runs_the_classifier_in_chunks_with_unchunked_results(gray_purifier):
+    flatten, dense = keras.layers.Flatten(), keras.layers.Dense(4)
+    inputs = keras.Input((8, 8, 1))
+    chunked = keras.Model(inputs, dense(flatten(_BatchAtMost(2)(inputs))))
+    plain = keras.Model(inputs, dense(flatten(inputs)))
+    # 8-pixel tiles without overlap, two per call: 128 pixels, i.e. two 8x8 images per chunk.
+    signatures = _signatures(gray_purifier, chunked, patch_size=8, patch_overlap=0,
+                             patch_batch_size=2)
+    images = _images((5, 8, 8, 1), seed=10)
+    outputs = signatures["classify"](images)
+    purified = signatures["purify"](images)["purified"]
+    expected = tf.nn.softmax(plain(purified)).numpy()  # the whole batch at once
+    np.testing.assert_allclose(outputs["probabilities"].numpy(), expected, atol=1e-6)
+    np.testing.assert_array_equal(outputs["class_ids"].numpy(), expected.argmax(axis=1))
+
+
+# ----------------------------------------------------------------------- 16-bit PNG values
+def test_png_is_read_at_full_precision_and_8_bit_exactly_as_x_over_255():
+    values16 = np.arange(0, 65536, 4099, dtype=np.uint16).reshape(4, 4, 1)
+    decoded = serving.decode_image_bytes(tf.io.encode_png(values16), 1).numpy()
+    np.testing.assert_array_equal(decoded, values16.astype(np.float32) / np.float32(65535))
+    assert len(np.unique(decoded)) == 16  # not collapsed to 8 bits
+    values8 = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
+    decoded8 = serving.decode_image_bytes(tf.io.encode_png(values8), 1).numpy()
+    # TF widens 8-bit to 16-bit as x * 257, and 257 x / 65535 == x / 255: bit-identical.
+    np.testing.assert_array_equal(decoded8, values8.astype(np.float32) / np.float32(255))
+    rgb = np.random.RandomState(3).randint(0, 256, (5, 6, 3)).astype(np.uint8)
+    jpeg = tf.io.encode_jpeg(rgb).numpy()
+    np.testing.assert_array_equal(serving.decode_image_bytes(jpeg, 3).numpy(),
+                                  tf.io.decode_jpeg(jpeg).numpy().astype(np.float32) / 255)
+
+
+def test_16_bit_grey_png_reads_the_same_in_serving_and_image_io(tmp_path):
+    from comdefend_tf import image_io
+
+    values16 = np.random.RandomState(4).randint(0, 65536, (6, 7, 1)).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    path.write_bytes(tf.io.encode_png(values16).numpy())
+    np.testing.assert_array_equal(image_io.read_image(str(path), 1),
+                                  serving.decode_image_bytes(path.read_bytes(), 1).numpy())
+
+
+def test_purify_bytes_feeds_16_bit_precision_to_the_network(gray_purifier):
+    signatures = _signatures(gray_purifier)
+    values16 = np.random.RandomState(5).randint(0, 65536, (9, 7, 1)).astype(np.uint16)
+    served = tf.io.decode_png(signatures["purify_bytes"](
+        tf.constant([tf.io.encode_png(values16).numpy()]))["purified_png_bytes"][0]).numpy()
+    exact = signatures["purify"](values16[None].astype(np.float32) / 65535)["purified"]
+    np.testing.assert_array_equal(served, np.round(exact.numpy()[0] * 255).astype(np.uint8))
+
+
+# -------------------------------------------------------------------------- hostile corpus
+def test_the_hostile_request_corpus_is_refused_by_name(tmp_path):
+    from tools import hostile_requests
+
+    version_dir, purifier, classifier, settings = hostile_requests.build_export(
+        str(tmp_path), channels=3)
+    signatures = tf.saved_model.load(version_dir).signatures
+    cases = hostile_requests.build_corpus(3, settings.max_pixels, settings.max_batch_size,
+                                          hostile_requests.CLASSIFIER_SIZE, signatures)
+    assert len(cases) >= 200
+    results = hostile_requests.run_corpus(signatures, cases)
+    summary = hostile_requests.summarize(results)
+    assert summary["not_as_expected"] == []
+    assert summary["refused_with_naming_message"] == summary["malformed_cases"] >= 200
+    assert hostile_requests.valid_request_check(signatures, 3, purifier, classifier)["ok"]
