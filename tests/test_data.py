@@ -257,3 +257,36 @@ def test_decode_example_image_refuses_before_decoding():
     bomb[16:24] = (100_000).to_bytes(4, "big") * 2
     with pytest.raises(tf.errors.InvalidArgumentError, match="max_pixels"):
         _decode_in_graph(_example(bytes(bomb)), max_pixels=10**9)
+
+
+def test_example_decoder_composes_with_the_serving_core():
+    """The planned ``purify_examples`` signature (decode_example_image -> validate_images ->
+    purify_core -> PNG) gives the bytes ``purify_bytes`` gives for the same image."""
+    import tensorflow as tf
+
+    from comdefend_tf import ComDefend, get_config, serving
+
+    purifier = ComDefend(get_config("tiny", input_channels=1), seed=0)
+    functions = serving.build_serving_functions(purifier)
+    settings = serving.ExportSettings()
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    def purify_examples(examples):
+        def purify_one(serialized):
+            image = data.decode_example_image(serialized, 1, settings.max_pixels)
+            image = serving.validate_images(tf.cast(image, tf.float32)[None] / 255.0, 1,
+                                            settings.max_pixels)
+            purified = functions.purify_core(image)["purified"][0]
+            return tf.io.encode_png(tf.cast(tf.round(tf.clip_by_value(purified, 0.0, 1.0)
+                                                     * 255.0), tf.uint8))
+
+        return {"purified_png_bytes": tf.map_fn(purify_one, examples,
+                                                fn_output_signature=tf.string)}
+
+    rng = np.random.default_rng(3)
+    encoded = [_png_bytes(rng.integers(0, 256, size, dtype=np.uint8))
+               for size in [(12, 9), (7, 20)]]
+    from_examples = purify_examples(tf.constant([_example(e, 1) for e in encoded]))
+    from_bytes = functions.signatures[serving.SIGNATURE_PURIFY_BYTES](tf.constant(encoded))
+    assert (from_examples["purified_png_bytes"].numpy().tolist()
+            == from_bytes["purified_png_bytes"].numpy().tolist())

@@ -294,3 +294,31 @@ def test_saved_model_handler_matches_the_keras_model(tmp_path, model):
     mixed = batch[:1] + [beam_purify.DecodedImage("odd", 0, np.zeros((5, 5, 1), np.float32), 0)]
     with pytest.raises(ValueError, match="one shape"):
         saved.run_inference(mixed, saved.load_model())
+
+
+def test_tfds_input_reads_a_prepared_dataset(tmp_path, model_dir, model):
+    import tensorflow_datasets as tfds
+
+    rng = np.random.default_rng(6)
+    pixels = rng.integers(0, 256, (4, 10, 10, 1), dtype=np.uint8)
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(10, 10, 1)),
+        "label": tfds.features.ClassLabel(names=["left", "right"])})
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name="purify_dataset_test_set", version="1.0.0", features=features,
+        split_datasets={"train": tf.data.Dataset.from_tensor_slices(
+            {"image": pixels, "label": np.array([0, 1, 1, 0])})},
+        data_dir=str(tmp_path / "tfds"))
+    output_dir = str(tmp_path / "out")
+    manifest = beam_purify.run_purify_pipeline(beam_purify.PurifyOptions(
+        input="tfds:purify_dataset_test_set", data_dir=str(tmp_path / "tfds"),
+        output_dir=output_dir, model_dir=model_dir), IN_PROCESS)
+    assert (manifest["inputs"], manifest["purified"]) == (4, 4)
+    assert manifest["class_names"] == ["left", "right"]
+    stored = sorted((_feature(e, beam_purify.FEATURE_LABEL),
+                     _feature(e, beam_purify.FEATURE_ENCODED))
+                    for e in _examples(output_dir).values())
+    expected = sorted((label, beam_purify.encode_png(image_io.to_uint8(
+        purify_array(model, p.astype(np.float32) / 255)))) for p, label in zip(pixels,
+                                                                               [0, 1, 1, 0]))
+    assert stored == expected
