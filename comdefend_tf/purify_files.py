@@ -182,6 +182,8 @@ def purify_files(model, pairs: Sequence[tuple[str, str]], patch_size: int = 0, o
     start = time.perf_counter()
 
     def refuse(path, reason):
+        # image_io's messages start with the quoted path, which the summary already shows.
+        reason = reason.removeprefix(repr(path)).lstrip(": ") or reason
         summary.failures.append((path, reason))
         if on_error:
             on_error(f"refused {path!r}: {reason}")

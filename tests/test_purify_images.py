@@ -301,3 +301,9 @@ def test_cli_writes_good_images_names_bad_ones_and_fails(tmp_path, model_dir, ph
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
     # Writing into the input folder is refused by the same plan check, reported the same way
     # (see test_plan_refuses_the_input_folder).
+    # A tiling budget too small for exact tiles stops the run before anything is written.
+    fresh = tmp_path / "fresh"
+    small = _run_cli(f"--model_dir={model_dir}", f"--input={folder}", f"--output_dir={fresh}",
+                     "--tile_above_pixels=100", "--noprogress")
+    assert small.returncode == 1 and "too small for exact tiles" in small.stderr
+    assert not fresh.exists()
