@@ -419,8 +419,8 @@ def list_images(pattern: str, max_files: int = DEFAULT_MAX_FILES) -> ImageListin
       pattern: one file (any extension: its content decides; followed if it is a link), a
         folder (its ``.png``, ``.jpg`` and ``.jpeg`` files, any case, not recursive) or a glob
         (``photos/*.jpg``; ``**`` recurses without following links to folders).
-      max_files: refuse patterns matching more files than this (counted as they stream in, so
-        a huge folder is not listed whole first).
+      max_files: refuse patterns matching more files than this (counted as they stream in from
+        ``os.scandir``, so a huge folder is never listed whole first).
 
     Symbolic links among the matches are read only when they lead to a regular file inside the
     input tree (the folder, or the glob's leading folder); others are refused with a reason.
@@ -435,9 +435,7 @@ def list_images(pattern: str, max_files: int = DEFAULT_MAX_FILES) -> ImageListin
         root, candidates = pattern, _folder_images(pattern)
         empty = f"folder {pattern!r} holds no {'/'.join(IMAGE_EXTENSIONS)} files"
     else:
-        root = _glob_root(pattern)[0] or "."
-        candidates = (_walk_glob(pattern) if "**" in pattern
-                      else glob.iglob(pattern, recursive=False))
+        root, candidates = _glob_root(pattern)[0] or ".", _walk_glob(pattern)
         empty = (f"no file matches {pattern!r} (expected an image file, a folder or a glob "
                  f"such as 'photos/*.png')")
     root_real = os.path.realpath(root)
@@ -477,8 +475,9 @@ def _glob_root(pattern: str) -> tuple[str, list[str]]:
 
 
 def _walk_glob(pattern: str):
-    """Files matching a glob with ``**``, as ``glob`` matches them (hidden names only by an
-    explicit leading dot) but without following links to folders, so link loops end."""
+    """Files matching a glob, as ``glob`` matches them (hidden names only by an explicit
+    leading dot), streamed one folder entry at a time. A ``**`` never follows links to folders,
+    so link loops end; other wildcard segments do (their depth is bounded by the pattern)."""
     root, segments = _glob_root(pattern)
     seen = set()
     for path in _match_segments(root, segments):
@@ -492,31 +491,36 @@ def _match_segments(folder: str, segments: list[str]):
         return
     head, rest = segments[0], segments[1:]
     try:
-        with os.scandir(folder or ".") as listing:
-            entries = sorted(listing, key=lambda entry: entry.name)
+        listing = os.scandir(folder or ".")
     except OSError:
         return
+    subfolders = []
+    with listing:
+        for entry in listing:
+            hidden = entry.name.startswith(".")
+            path = os.path.join(folder, entry.name)
+            try:
+                if head == "**":
+                    if not hidden and entry.is_dir(follow_symlinks=False):
+                        subfolders.append(path)
+                    if not hidden and not rest:  # a final '**' matches everything below
+                        yield path
+                elif (not hidden or head.startswith(".")) and fnmatch.fnmatchcase(entry.name,
+                                                                                    head):
+                    if not rest:
+                        yield path
+                    elif entry.is_dir():
+                        subfolders.append(path)
+            except OSError:
+                continue
     if head == "**":
         if rest:
             yield from _match_segments(folder, rest)
-        else:  # a final '**' matches everything below
-            yield from (os.path.join(folder, entry.name) for entry in entries
-                        if not entry.name.startswith("."))
-        for entry in entries:
-            if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
-                yield from _match_segments(os.path.join(folder, entry.name), segments)
-        return
-    for entry in entries:
-        if entry.name.startswith(".") and not head.startswith("."):
-            continue
-        if not fnmatch.fnmatchcase(entry.name, head):
-            continue
-        path = os.path.join(folder, entry.name)
-        if rest:
-            if entry.is_dir(follow_symlinks=False):
-                yield from _match_segments(path, rest)
-        else:
-            yield path
+        for subfolder in subfolders:
+            yield from _match_segments(subfolder, segments)
+    else:
+        for subfolder in subfolders:
+            yield from _match_segments(subfolder, rest)
 
 
 def _refusal(path: str, root_real: str) -> str | None:

@@ -384,7 +384,8 @@ def test_recursive_glob_matches_like_glob_on_a_plain_tree(tmp_path, monkeypatch)
         os.makedirs(os.path.dirname(name) or ".", exist_ok=True)
         _save(name, np.zeros((2, 2, 3), np.uint8), format="PNG")
     for pattern in ("**/*.png", "x/**/*.png", "**/y/*.png", "**", "x/**", "**/.h*/*",
-                    str(tmp_path / "**" / "*.png")):
+                    str(tmp_path / "**" / "*.png"), "*.png", "*/*.png", "x/*/?.png", ".*.png",
+                    "[ab].*", "x/y/d.png", "*/y/*", "z/*.[Pp][Nn][Gg]"):
         expected = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         assert image_io.list_images(pattern).paths == expected, pattern
 
