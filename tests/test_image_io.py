@@ -417,3 +417,25 @@ def test_psnr_in_chunks_equals_the_direct_formula():
     image = np.clip(reference + rng.normal(0, 0.05, reference.shape), 0, 1).astype(np.float32)
     mse = np.mean((reference.astype(np.float64) - image) ** 2)
     assert image_io.psnr_db(reference, image) == pytest.approx(10 * np.log10(1 / mse), rel=1e-12)
+
+
+def test_the_command_and_the_serving_signatures_read_the_same_values(tmp_path):
+    from comdefend_tf import serving
+
+    rng = np.random.default_rng(9)
+    jpeg = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)).save(jpeg, format="JPEG")
+    palette = io.BytesIO()
+    Image.fromarray(rng.integers(0, 3, (9, 7), dtype=np.uint8), mode="P").save(palette,
+                                                                              format="PNG")
+    files = {"rgb16.png": _raw_png(rng.integers(0, 65536, (9, 7, 3)), 2, 16),
+             "grey16.png": _raw_png(rng.integers(0, 65536, (9, 7, 1)), 0, 16),
+             "rgba8.png": _raw_png(rng.integers(0, 256, (9, 7, 4)), 6, 8),
+             "palette.png": palette.getvalue(), "photo.jpg": jpeg.getvalue()}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        for channels in (1, 3):
+            served = serving.decode_image_bytes(tf.constant(data), channels).numpy()
+            np.testing.assert_array_equal(
+                image_io.read_image(str(tmp_path / name), channels=channels), served,
+                err_msg=f"{name} with {channels} channel(s)")
