@@ -17,6 +17,7 @@ import pickle
 import subprocess
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -139,21 +140,28 @@ def test_crafted_pickle_is_refused_without_running(tmp_path, payload):
 
 
 class _HugeArray:
-    """Allowed global, hostile arguments: asks numpy for a terabyte-sized array."""
+    """Allowed global, hostile arguments: asks numpy for a huge array."""
+
+    def __init__(self, length):
+        self.length = length
 
     def __reduce__(self):
         try:
             from numpy._core.multiarray import _reconstruct
         except ImportError:
             from numpy.core.multiarray import _reconstruct
-        return _reconstruct, (np.ndarray, (10 ** 12,), b"b")
+        return _reconstruct, (np.ndarray, (self.length,), b"b")
 
 
-def test_allowed_global_with_hostile_arguments_is_refused(tmp_path):
+@pytest.mark.parametrize("length,problem", [
+    (2 ** 30, "unexpected array reconstruction"),  # a 4-byte int: reaches the call check
+    (10 ** 12, "opcode LONG1 is not allowed"),  # needs a long int, which no weight file holds
+])
+def test_allowed_global_with_hostile_arguments_is_refused(tmp_path, length, problem):
     path = tmp_path / "enc_huge.npy"
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("w.npy", malicious_npy_bytes(_HugeArray()))
-    with pytest.raises(reference.ReferenceWeightsError, match="unexpected array reconstruction"):
+        archive.writestr("w.npy", malicious_npy_bytes(_HugeArray(length)))
+    with pytest.raises(reference.ReferenceWeightsError, match=problem):
         reference.read_weight_arrays(str(path))
 
 
@@ -184,8 +192,29 @@ def test_plain_array_in_w_is_refused(tmp_path):
 
 def test_non_float_entry_is_refused(tmp_path):
     path = write_release_file(tmp_path / "enc.npy", [np.zeros(3, np.int32)])
-    with pytest.raises(reference.ReferenceWeightsError, match="entry 0"):
+    with pytest.raises(reference.ReferenceWeightsError, match="dtype 'i4' is not allowed"):
         reference.read_weight_arrays(path)
+
+
+@pytest.mark.parametrize("dtype", ["<f2", ">f4", "<f8", ">f8"])
+def test_every_float_width_and_byte_order_reads_as_float32(tmp_path, dtype):
+    values = np.arange(-6, 6, dtype=np.float64).reshape(3, 4) / 8
+    path = write_release_file(tmp_path / "enc.npy", [values.astype(dtype), values[0]])
+    arrays = reference.read_weight_arrays(path)
+    assert [a.dtype for a in arrays] == [np.float32, np.float32]
+    np.testing.assert_array_equal(arrays[0], values.astype(np.float32))
+    np.testing.assert_array_equal(arrays[1], values[0].astype(np.float32))
+
+
+def test_stored_archive_written_by_savez_is_read(tmp_path):
+    arrays = [np.full((2, 3), 0.25, np.float32), np.ones(3, np.float32)]
+    entries = np.empty(2, dtype=object)
+    entries[0], entries[1] = arrays
+    path = tmp_path / "enc.npy"
+    with open(path, "wb") as handle:
+        np.savez(handle, w=entries)  # ZIP_STORED, not deflated
+    for have, want in zip(reference.read_weight_arrays(str(path)), arrays, strict=True):
+        np.testing.assert_array_equal(have, want)
 
 
 def test_missing_file_raises_file_not_found(tmp_path):
@@ -267,6 +296,176 @@ def test_uint8_agreement():
     assert agreement["exact"] == 0.5 and agreement["mean_abs"] == 1.25
     assert agreement["within_1"] == 0.75 and agreement["max_abs"] == 4
     assert agreement["psnr_db"] == pytest.approx(10 * np.log10(255 ** 2 / (17 / 4)))
+
+
+# -------------------------------------------------------------------- hostile weight files
+# A representative subset of tools/hostile_weight_files.py's corpus, read in this process so each
+# refusal's message can be checked; test_hostile_corpus_* below runs the whole corpus, each
+# file in a child process.
+HOSTILE_SUBSET = {
+    "ndarray_over_raw_pointers": "refusing to call numpy.ndarray",
+    "stack_global_allowed_ndarray": "refusing to call numpy.ndarray",
+    "obj_opcode": "opcode OBJ is not allowed",
+    "newobj_ndarray": "opcode NEWOBJ is not allowed",
+    "inst_opcode": "opcode INST is not allowed",
+    "persid_opcode": "opcode PERSID is not allowed",
+    "stack_global_exec": "refusing to unpickle the global builtins.exec",
+    "numpy_frombuffer_global": "refusing to unpickle the global numpy.frombuffer",
+    "object_state_raw_bytes": r"object array of shape \(2,\) with data",
+    "state_set_twice": "a second state for an array",
+    "dtype_state_tampered": "dtype 'f4' with state",
+    "nested_object_array": "entry 0 is a nested object array",
+    "int32_entries": "dtype 'i4' is not allowed",
+    "huge_declared_float_shape": r"shape \(2147483647, 2147483647\) needs 18446744056529682436 b",
+    "negative_shape": "negative dimension",
+    "memo_undefined": "memo entry 200, which was never stored",
+    "memo_self_cycle": "entry 0 is an array used before its state is set",
+    "memo_reuse_bomb": "a memory bomb",
+    "protocol5_next_buffer": "pickle protocol 5",
+    "trailing_data": "1048576 bytes after the pickle's end",
+    "header_huge_object_shape": r"shape \(1000000000000,\)",
+    "header_code": "not a valid .npy member",
+    "bzip2_bomb_small_declared": r"compression method 12 \(bzip2\)",
+    "lzma_bomb_small_declared": r"compression method 14 \(LZMA\)",
+    "deflate_bomb_small_declared": "more than the 4096 bytes it declares",
+    "encrypted_member": "is encrypted",
+    "unknown_method": r"compression method 77 \(unknown\)",
+    "truncated_archive": "truncated or corrupt zip archive",
+    "corrupt_crc": "CRC-32 mismatch",
+    "many_members": "declares 10000 members",
+    "duplicate_w_members": "holds exactly one",
+    "zip_slip_name": r"no 'w' entry \(members: \['../../w.npy'\]\)",
+    "local_name_mismatch": "the local header .* disagrees with the central directory",
+    "zip64_end_record": "ZIP64",
+    "fifo": "not a regular file",
+    "symlink_to_dev_zero": "not a regular file",
+    "plain_npy_with_code": "a plain .npy file, not an npz",
+    "nan_weights": "entry 0 holds non-finite values",
+}
+BOMB_MIB = 65  # just above MAX_MEMBER_BYTES (64 MiB), so the declared-at-cap bomb overflows it
+
+
+@pytest.fixture(scope="module")
+def hostile_subset(tmp_path_factory):
+    from tools import hostile_weight_files
+
+    folder = tmp_path_factory.mktemp("hostile_subset")
+    written, _ = hostile_weight_files.build_corpus(folder, BOMB_MIB, names=set(HOSTILE_SUBSET))
+    return {item.name: (path, folder) for item, path in written}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_SUBSET))
+def test_hostile_file_is_refused_with_the_importers_error(hostile_subset, name):
+    path, folder = hostile_subset[name]
+    with pytest.raises(reference.ReferenceWeightsError, match=HOSTILE_SUBSET[name]) as error:
+        reference.read_weight_arrays(str(path))
+    assert str(path) in str(error.value)  # the message names the file
+    assert not (folder / f"{name}.code_ran").exists()
+
+
+def test_deflate_bomb_is_refused_without_allocating_it(tmp_path):
+    """A 256 MiB bomb declaring 4 KiB: refused after 4097 bytes, allocating under 1 MiB."""
+    import tracemalloc
+    from tools import hostile_weight_files as hostile
+
+    data, crc = hostile.deflate_bomb(256)
+    assert len(data) < 300_000
+    # The bomb is real: the same data inflates far beyond its declaration.
+    assert len(zlib.decompressobj(-zlib.MAX_WBITS).decompress(data, 8 << 20)) == 8 << 20
+    path = tmp_path / "bomb.npy"
+    path.write_bytes(hostile.raw_zip([hostile.RawMember(data, 4096, crc)]))
+    tracemalloc.start()
+    try:
+        with pytest.raises(reference.ReferenceWeightsError,
+                           match=r"more than the 4096 bytes it declares \(refused after 4097 "):
+            reference.read_weight_arrays(str(path))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"reading the bomb allocated {peak} bytes"
+
+
+def test_bomb_declaring_the_cap_stops_reading_at_the_cap(tmp_path, monkeypatch):
+    """Declared sizes up to the cap are honoured, never exceeded: reading stops one byte past
+    the cap, holding about the cap, however far the data would inflate."""
+    import tracemalloc
+    from tools import hostile_weight_files as hostile
+
+    cap = 2 << 20
+    monkeypatch.setattr(reference, "MAX_MEMBER_BYTES", cap)
+    data, crc = hostile.deflate_bomb(64)
+    path = tmp_path / "bomb.npy"
+    path.write_bytes(hostile.raw_zip([hostile.RawMember(data, cap, crc)]))
+    tracemalloc.start()
+    try:
+        with pytest.raises(reference.ReferenceWeightsError,
+                           match=rf"more than the {cap} bytes it declares \(refused after "
+                                 rf"{cap + 1} bytes"):
+            reference.read_weight_arrays(str(path))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * cap, f"reading a {cap}-byte cap allocated {peak} bytes"
+    path.write_bytes(hostile.raw_zip([hostile.RawMember(data, cap + 1, crc)]))
+    with pytest.raises(reference.ReferenceWeightsError,
+                       match=rf"would unpack to {cap + 1} bytes, more than the {cap}"):
+        reference.read_weight_arrays(str(path))
+
+
+@pytest.mark.parametrize("ending,outcome,detail", [
+    ("segfault", "crashed", "SIGSEGV"),
+    ("other", "other exception", "KeyError"),
+    ("hang", "timed out", "no answer"),
+    ("accept", "accepted", ""),
+])
+def test_child_process_check_classifies_every_ending(tmp_path, ending, outcome, detail):
+    """The harness counts a crash instead of dying with it, and tells the endings apart."""
+    import signal
+    import time
+    from tools import hostile_weight_files as hostile
+
+    def importer(path, decoder_path):
+        if ending == "segfault":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        elif ending == "other":
+            raise KeyError("not the importer's error")
+        elif ending == "hang":
+            time.sleep(30)
+
+    result = hostile.check_file(str(tmp_path / "x.npy"), str(tmp_path / "y.npy"),
+                                timeout_s=1.0, importer=importer)
+    assert result["outcome"] == outcome
+    assert detail in result["message"]
+
+
+def test_hostile_corpus_every_file_refused_none_crashing(tmp_path):
+    """tools/hostile_weight_files.py's whole corpus, each file imported in a child process."""
+    from tools import hostile_weight_files as hostile
+
+    rows = hostile.run_corpus(tmp_path, bomb_mib=BOMB_MIB, timeout_s=60)
+    totals = hostile.summarize(rows)
+    failures = [(r["name"], r["outcome"], r["message"][:200]) for r in rows if not r["ok"]]
+    assert not failures
+    assert totals["hostile"] >= 30 and totals["refused"] == totals["hostile"]
+    assert totals["crashed"] == totals["code_ran"] == totals["accepted"] == 0
+    assert totals["controls"] == totals["controls_accepted"] >= 2
+    # A bomb may cost at most the member cap (plus the reader's own pieces), never its size.
+    assert totals["max_growth_mib"] < reference.MAX_MEMBER_BYTES / 2 ** 20 * 1.5
+    assert not list(tmp_path.glob("*.code_ran"))
+
+
+def test_hostile_corpus_command_line_writes_json_and_exit_status(tmp_path):
+    from tools import hostile_weight_files as hostile
+
+    output = tmp_path / "results.json"
+    status = hostile.main(["--case", "ndarray_over_raw_pointers", "--case", "control_assembled",
+                           "--keep", str(tmp_path / "corpus"), "--output", str(output)])
+    assert status == 0
+    import json
+    results = json.loads(output.read_text())
+    assert {row["name"]: row["outcome"] for row in results["cases"]} == {
+        "ndarray_over_raw_pointers": "refused", "control_assembled": "accepted"}
+    assert results["totals"]["all_ok"] is True
 
 
 # ------------------------------------------------------------------------- parity fixtures

@@ -1,8 +1,9 @@
 r"""Imports the authors' released ComDefend weights into a model directory.
 
-Reads the two released files (never unpickling anything but the numpy arrays they hold),
-infers the architecture from their shapes (RGB ``paper`` widths or the 1-channel
-``released_gray`` widths), and writes ``MODEL_DIR/comdefend.keras``, ``config.json`` and
+Reads the two released files with ``comdefend_tf.reference``'s safe reader (its own zip and
+pickle parsing: nothing in a file can run code, crash the process or allocate beyond a fixed
+cap; a refused file ends with ``error: ...`` and exit status 1), infers the architecture from
+their shapes (RGB ``paper`` widths or the 1-channel ``released_gray`` widths), and writes ``MODEL_DIR/comdefend.keras``, ``config.json`` and
 ``metrics.json``, the same files the training binary writes, so evaluation, export and the
 purify command take an imported model exactly like a trained one.
 
@@ -56,7 +57,9 @@ def _main(argv):
         model, provenance = reference.load_reference_model(
             FLAGS.encoder_weights, FLAGS.decoder_weights,
             inference_noise_std=FLAGS.inference_noise_std, inference_mode=FLAGS.inference_mode)
-    except (reference.ReferenceWeightsError, FileNotFoundError) as error:
+    except (reference.ReferenceWeightsError, OSError) as error:
+        # ReferenceWeightsError covers every malformed or hostile file (the reader's docstring
+        # lists what is refused); OSError is a missing or unreadable path.
         print(f"error: {error}", file=sys.stderr)
         return 1
     metrics = {"source": "imported from the authors' released weights",
