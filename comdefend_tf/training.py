@@ -10,7 +10,8 @@ Two paths share the model, the loss, the resumable state and the saved artefacts
 
 Resumable state (``RunState``, in ``MODEL_DIR/backup``): a ``tf.train.CheckpointManager`` over
 every model and optimizer variable (the code-noise seed state included), numbered by the global
-step and written every ``checkpoint_every_steps`` steps and after the last one. TensorFlow writes
+step and written every ``checkpoint_every_steps`` steps, at the end of every epoch and after
+the last step. TensorFlow writes
 the checkpoint files first and then replaces the small ``checkpoint`` state file atomically, so
 a kill at any moment leaves the state pointing at a complete checkpoint. Keras'
 ``BackupAndRestore`` is not used: in Keras 3.15 it restores only the epoch (a mid-epoch
@@ -455,10 +456,11 @@ class _StepCheckpoint(keras.callbacks.Callback):
     """Stops on a non-finite loss, reports progress after every step, checkpoints every
     ``every`` steps and after the last one, and records each finished epoch."""
 
-    def __init__(self, state: RunState, progress: Progress, every: int, total_steps: int):
+    def __init__(self, state: RunState, progress: Progress, every: int, steps_per_epoch: int,
+                 total_steps: int):
         super().__init__()
         self.state, self.progress = state, progress
-        self.every, self.total_steps = every, total_steps
+        self.every, self.steps_per_epoch, self.total_steps = every, steps_per_epoch, total_steps
 
     def on_train_batch_end(self, batch, logs=None):
         step = self.state.step
@@ -467,7 +469,7 @@ class _StepCheckpoint(keras.callbacks.Callback):
             self.progress.update(step=step, state="diverged")
             raise NonFiniteTraining(self.state.non_finite_message(step, "the loss"), step,
                                     self.state.checkpoint_step)
-        if step % self.every == 0 or step >= self.total_steps:
+        if _checkpoint_due(step, self.every, self.steps_per_epoch, self.total_steps):
             self._save(step)
         self.progress.update(step=step, checkpoint_step=self.state.checkpoint_step)
 
@@ -480,6 +482,11 @@ class _StepCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.state.record_epoch(epoch, logs)
+
+
+def _checkpoint_due(step, every, steps_per_epoch, total_steps):
+    """Checkpoint every ``every`` steps, at the end of every epoch and after the last step."""
+    return step % every == 0 or step % steps_per_epoch == 0 or step >= total_steps
 
 
 def fit_resumable(model: keras.Model, make_stream, validation_data, state: RunState,
@@ -502,7 +509,8 @@ def fit_resumable(model: keras.Model, make_stream, validation_data, state: RunSt
     step = state.step
     progress.update(step=step, resumed_from_step=step, checkpoint_step=state.checkpoint_step,
                     state="training")
-    checkpointer = _StepCheckpoint(state, progress, checkpoint_every_steps, total_steps)
+    checkpointer = _StepCheckpoint(state, progress, checkpoint_every_steps, steps_per_epoch,
+                                   total_steps)
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
         # Finish a partly done epoch alone; otherwise run every remaining epoch in one call.
@@ -510,7 +518,7 @@ def fit_resumable(model: keras.Model, make_stream, validation_data, state: RunSt
         steps = steps_per_epoch - offset
         timer = _EpochTimer(steps * images_per_step if images_per_step else None)
         model.fit(make_stream(step), validation_data=validation_data, initial_epoch=epoch,
-                  epochs=last_epoch, steps_per_epoch=steps,
+                  epochs=last_epoch, steps_per_epoch=steps, shuffle=False,
                   callbacks=[timer, checkpointer] + list(callbacks), verbose=verbose)
         if state.step == step:
             raise TrainingError(f"the training data ran out at step {step} of {total_steps}")
@@ -723,7 +731,7 @@ def _train_custom_loop(model, optimizer, state, progress, make_stream, epochs, s
             sums[key] += values[key]
         counted += 1
         bar.update(offset + 1, list(values.items()))
-        if step % checkpoint_every_steps == 0 or step == total_steps:
+        if _checkpoint_due(step, checkpoint_every_steps, steps_per_epoch, total_steps):
             try:
                 state.save(step)
             except NonFiniteTraining:
@@ -744,10 +752,9 @@ def _agree_on_step(strategy, step):
     """The lowest and highest restored step over all workers (one collective each)."""
 
     @tf.function
-    def reduce_step():
-        per_replica = strategy.run(lambda: tf.constant(step, tf.int64))
-        return (strategy.reduce(tf.distribute.ReduceOp.MIN, per_replica, axis=None),
-                strategy.reduce(tf.distribute.ReduceOp.MAX, per_replica, axis=None))
+    def gather_steps():
+        per_replica = strategy.run(lambda: tf.constant([step], tf.int64))
+        return strategy.gather(per_replica, axis=0)
 
-    lowest, highest = reduce_step()
-    return int(lowest), int(highest)
+    steps = gather_steps().numpy()
+    return int(steps.min()), int(steps.max())
