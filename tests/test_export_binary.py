@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from concurrent import futures
 
 import keras
 import numpy as np
@@ -226,7 +227,10 @@ def test_the_graph_uses_only_standard_registered_ops(fresh_process):
     assert report["unregistered"] == []
     assert not ops & {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
     # The walk reached the nested functions (while-loop body, cond branches, decoders).
-    assert {"Conv2D", "While", "Assert", "DecodeImage", "EncodePng", "Softmax"} <= ops
+    assert {"Conv2D", "While", "Assert", "DecodePng", "DecodeJpeg", "ExtractJpegShape",
+            "EncodePng", "Softmax"} <= ops
+    # Only the two decoders the signature documents: no generic DecodeImage (GIF, BMP, WebP).
+    assert not ops & {"DecodeImage", "DecodeGif", "DecodeBmp", "DecodeWebP"}
 
 
 # ----------------------------------------------------------------- atomic versioned writes
@@ -264,7 +268,8 @@ def test_a_crash_mid_write_leaves_no_version_behind(small_purifier, tmp_path, mo
     noisy = serving.ExportSettings(inference_noise_std=3.0, noise_seed=5)
     written = serving.export_savedmodel(small_purifier, str(base), settings=noisy)
     assert written == str(base / "1")
-    # The served noise generator's state travels with the export: fresh draws per call.
+    assert sorted(os.listdir(base)) == ["1"]  # the killed export's folder was removed
+    # Seeded noise is still fresh per call after reload.
     purify = tf.saved_model.load(written).signatures["purify"]
     images = tf.constant(_sample_images(1, seed=3))
     first, second = purify(images=images)["code_bits"], purify(images=images)["code_bits"]
@@ -305,3 +310,121 @@ def test_existing_versions_are_kept_unless_overwrite(small_purifier, tmp_path, m
     assert sorted(os.listdir(base)) == ["1", "2"]  # the retired copy is gone
     with pytest.raises(ValueError, match="positive integer"):
         serving.export_savedmodel(small_purifier, base, version=0)
+
+
+def test_stale_temporary_folders_of_dead_exports_are_removed(small_purifier, tmp_path,
+                                                             monkeypatch):
+    monkeypatch.setattr(serving, "build_export_archive",
+                        lambda *args, **kwargs: _FakeArchive("new"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = f".partial-4-pid{dead.pid}-x1"
+    live = f".partial-9-pid{os.getpid()}-x2"  # an export still running in a live process
+    retired = f".retired-2-pid{dead.pid}-x3"
+    for name in (stale, live, retired, "3"):
+        (tmp_path / name).mkdir()
+    serving.export_savedmodel(small_purifier, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted([live, "3", "4"])
+
+
+# --------------------------------------------------------------------------- served noise
+NOISE_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import tensorflow as tf
+
+    images = np.load(sys.argv[1])
+    draws = {}
+    for key, version_dir in zip(("unseeded", "seeded"), sys.argv[2:4]):
+        purify = tf.saved_model.load(version_dir).signatures["purify"]
+        draws[key + "_first"] = purify(images=tf.constant(images))["code_bits"].numpy()
+        draws[key + "_second"] = purify(images=tf.constant(images))["code_bits"].numpy()
+    np.savez(sys.argv[4], **draws)
+""")
+
+
+@pytest.fixture(scope="module")
+def noisy_exports(tmp_path_factory):
+    """One tiny purifier exported with noise twice: without a seed and with ``noise_seed``."""
+    root = tmp_path_factory.mktemp("noise")
+    purifier = ComDefend(get_config("tiny", input_channels=1), seed=13)
+    unseeded = serving.export_savedmodel(
+        purifier, str(root / "unseeded"), settings=serving.ExportSettings(inference_noise_std=4.0))
+    seeded = serving.export_savedmodel(
+        purifier, str(root / "seeded"),
+        settings=serving.ExportSettings(inference_noise_std=4.0, noise_seed=1234))
+    images = np.random.RandomState(5).rand(2, 12, 12, 1).astype(np.float32)
+    np.save(root / "images.npy", images)
+    (root / "draw.py").write_text(NOISE_SCRIPT)
+    return {"root": root, "unseeded": unseeded, "seeded": seeded, "images": images}
+
+
+def _differ(first, second):
+    return np.mean(first != second) > 0.05
+
+
+def test_fresh_processes_draw_fresh_noise_unless_a_seed_was_exported(noisy_exports):
+    root = noisy_exports["root"]
+    draws = []
+    for index in range(2):  # two fresh processes, each loading both exports
+        out = root / f"draws{index}.npz"
+        result = _run([sys.executable, str(root / "draw.py"), str(root / "images.npy"),
+                       noisy_exports["unseeded"], noisy_exports["seeded"], str(out)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        draws.append(dict(np.load(out)))
+    first, second = draws
+    for draw in draws:  # within a process, every call draws afresh
+        assert _differ(draw["unseeded_first"], draw["unseeded_second"])
+        assert _differ(draw["seeded_first"], draw["seeded_second"])
+    # No seed: the files do not determine the noise; another process draws other noise.
+    assert _differ(first["unseeded_first"], second["unseeded_first"])
+    assert _differ(first["unseeded_second"], second["unseeded_second"])
+    # A requested seed: every process replays the same sequence.
+    np.testing.assert_array_equal(first["seeded_first"], second["seeded_first"])
+    np.testing.assert_array_equal(first["seeded_second"], second["seeded_second"])
+
+
+def _random_ops(version_dir):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel()
+    with open(os.path.join(version_dir, "saved_model.pb"), "rb") as handle:
+        saved_model.ParseFromString(handle.read())
+    nodes = []
+    for meta_graph in saved_model.meta_graphs:
+        nodes += list(meta_graph.graph_def.node)
+        for function in meta_graph.graph_def.library.function:
+            nodes += list(function.node_def)
+    return [node for node in nodes if "Random" in node.op or "Rng" in node.op]
+
+
+def test_no_saved_variable_decides_the_served_noise(noisy_exports):
+    unseeded = _random_ops(noisy_exports["unseeded"])
+    # The draws are stateful RandomStandardNormal ops with seed 0/0 (seeded from OS entropy
+    # when loaded); no stateless op, which is what a saved seed/counter variable would feed.
+    assert unseeded and {node.op for node in unseeded} == {"RandomStandardNormal"}
+    assert {(node.attr["seed"].i, node.attr["seed2"].i) for node in unseeded} == {(0, 0)}
+    seeded = _random_ops(noisy_exports["seeded"])
+    assert {node.op for node in seeded} == {"RandomStandardNormal"}
+    assert {node.attr["seed"].i for node in seeded} == {1234}
+    # Each signature draws its own stream (seed2), so purify and classify never share one.
+    assert len({node.attr["seed2"].i for node in seeded}) >= 2
+    with open(os.path.join(noisy_exports["unseeded"], serving.EXPORT_METADATA_FILENAME)) as f:
+        assert json.load(f)["noise_source"] == "os_entropy_per_process"
+
+
+@pytest.mark.parametrize("which", ["unseeded", "seeded"])
+def test_concurrent_calls_never_share_a_draw(noisy_exports, which):
+    purify = tf.saved_model.load(noisy_exports[which]).signatures["purify"]
+    images = tf.constant(noisy_exports["images"])
+    purify(images=images)  # warm up before the threads start
+
+    def call(_):
+        return [purify(images=images)["code_bits"].numpy() for _ in range(3)]
+
+    with futures.ThreadPoolExecutor(max_workers=6) as pool:
+        draws = [draw for batch in pool.map(call, range(6)) for draw in batch]
+    assert len(draws) == 18
+    for i in range(len(draws)):
+        for j in range(i + 1, len(draws)):
+            assert _differ(draws[i], draws[j]), (i, j)
