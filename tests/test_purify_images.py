@@ -7,8 +7,10 @@ handling, tiling, channel order, rounding, exit status) does not depend on train
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,6 @@ from PIL import Image
 from comdefend_tf import ComDefend, get_config, image_io, load_comdefend, reference, save_comdefend
 from comdefend_tf import purify_files
 from comdefend_tf.patches import exact_tiling, receptive_field_radius, whole_image_pixel_budget
-from tests.test_image_io import bomb_png
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +54,19 @@ def photos(tmp_path):
     for name, values in pixels.items():
         Image.fromarray(values).save(folder / name)
     return folder, pixels
+
+
+def bomb_png() -> bytes:
+    """69 bytes declaring 20000x20000 RGB pixels (1.2 GB decoded)."""
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    assert len(data) == 69
+    return data
 
 
 def _run_cli(*flags):
