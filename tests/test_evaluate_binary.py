@@ -15,7 +15,8 @@ from tests.conftest import REPO_ROOT, subprocess_env
 
 NUM_FOLDER_IMAGES = 400
 COLUMNS = ["attack", "eps", "steps", "threat model", "defense", "clean accuracy",
-           "accuracy under attack", "undefended attack success rate", "mean L2", "mean Linf"]
+           "accuracy under attack", "strict accuracy (every draw)", "95% CI (strict)",
+           "undefended attack success rate", "mean L2", "mean Linf"]
 
 
 def _run(*args, timeout=300):
@@ -60,8 +61,11 @@ def test_evaluate_binary_writes_the_table_and_both_figures(folder_setup):
                   "--attacks=fgsm,pgd,cw_l2", "--eps=0.1,0.3", "--pgd_steps=3",
                   "--cw_steps=5", "--cw_binary_search_steps=1", "--num_examples=12",
                   "--defenses=none,comdefend,jpeg,bit_depth,median", "--bit_depth=2",
-                  f"--output_dir={output_dir}")
+                  "--threat_models=oblivious,adaptive", f"--output_dir={output_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
+    # The deprecated name still works, says so, and means bpda_eot.
+    assert "'adaptive' is deprecated" in result.stderr
+    assert "CPU-seconds in total" in result.stdout
     header = "| " + " | ".join(COLUMNS) + " |"
     assert header in result.stdout  # the table is printed
     with open(output_dir / "results.md") as handle:
@@ -75,6 +79,9 @@ def test_evaluate_binary_writes_the_table_and_both_figures(folder_setup):
     assert {row["defense"] for row in payload["rows"]} == {
         "none", "comdefend", "jpeg", "bit_depth", "median"}
     assert payload["metadata"]["dataset"] == f"folder:{folder}"
+    assert {row["threat_model"] for row in payload["rows"]} == {"white_box", "oblivious",
+                                                                "bpda_eot"}
+    assert payload["cpu_seconds_per_example"] == pytest.approx(payload["cpu_seconds"] / 12)
     for name in ("accuracy_vs_eps.png", "purification_grid.png"):
         with open(output_dir / name, "rb") as handle:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -5,16 +5,19 @@
         --output_dir=runs/evaluation
 
 Every row is scored on the same held-out images (the first --num_examples of the dataset's
-fixed held-out split). Threat models: oblivious (the paper's: attack the classifier, then
-defend) and adaptive (attack classifier(defense(x)) through straight-through gradients, with
-EOT over --eot_samples noise draws when the purifier is randomized). Writes results.json,
-results.md (the table printed at the end), accuracy_vs_eps.png and purification_grid.png
-(the paper's Figure 3 layout) into --output_dir.
+fixed held-out split). Threat models (comdefend_tf/evaluation/threat_models.py): oblivious
+(the paper's: attack the classifier, then defend), bpda_eot (attack classifier(defense(x))
+through the defense's straight-through gradient; `adaptive` is its deprecated name) and
+bpda_identity (the whole defense is the identity backward), with EOT over --eot_samples noise
+draws when the purifier is randomized. Writes results.json, results.md (the table printed at
+the end, with CPU-seconds), accuracy_vs_eps.png and purification_grid.png (the paper's Figure
+3 layout) into --output_dir. The protocol lives in comdefend_tf/evaluation/paper.py.
 """
 
 import os
 import sys
 import time
+import warnings
 
 from absl import app, flags
 
@@ -22,8 +25,8 @@ from comdefend_tf import attacks as attacks_lib
 from comdefend_tf import classifiers
 from comdefend_tf import data as data_lib
 from comdefend_tf import defenses as defenses_lib
-from comdefend_tf import evaluation
 from comdefend_tf import precision
+from comdefend_tf.evaluation import cpu_time, paper, report, threat_models
 from comdefend_tf.model import load_comdefend
 from train import flags_common
 
@@ -37,9 +40,12 @@ flags.DEFINE_list("attacks", ["fgsm", "bim", "pgd", "mim", "cw_l2", "deepfool"],
 flags.DEFINE_list("eps", ["0.1", "0.3"], "Comma list of L-inf budgets in [0, 1] (pixel scale "
                   "[0, 1]; 0.3 is the usual MNIST budget, 8/255 = 0.031 CIFAR's). cw_l2 is "
                   "minimum-norm and runs once.")
-flags.DEFINE_list("threat_models", list(evaluation.THREAT_MODELS),
-                  "oblivious: attack the classifier, then defend (the paper); adaptive: attack "
-                  "classifier(defense(x)) with straight-through gradients and EOT.")
+flags.DEFINE_list("threat_models", list(paper.DEFAULT_THREAT_MODELS),
+                  f"Comma list from {', '.join(paper.THREAT_MODELS)}. oblivious: attack the "
+                  "classifier, then defend (the paper); bpda_eot: attack classifier(defense(x)) "
+                  "through the defense's straight-through gradient, EOT on a randomized "
+                  "purifier; bpda_identity: the whole defense is the identity backward. "
+                  "adaptive: deprecated name of bpda_eot.")
 flags.DEFINE_list("defenses", list(defenses_lib.DEFENSE_NAMES),
                   f"Comma list from: {', '.join(defenses_lib.DEFENSE_NAMES)} (none is always "
                   "included as the undefended reference).")
@@ -91,7 +97,7 @@ def _check_subset(values, allowed, flag):
 flags.register_validator("attacks", lambda v: _check_subset(v, attacks_lib.ATTACK_NAMES,
                                                             "attacks"))
 flags.register_validator("threat_models", lambda v: _check_subset(
-    v, evaluation.THREAT_MODELS, "threat_models"))
+    v, paper.THREAT_MODELS + tuple(threat_models.DEPRECATED_ALIASES), "threat_models"))
 flags.register_validator("defenses", lambda v: _check_subset(v, defenses_lib.DEFENSE_NAMES,
                                                              "defenses"))
 
@@ -132,6 +138,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     started = time.perf_counter()
+    threat_model_names = []
+    for name in FLAGS.threat_models:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            threat_model_names.append(threat_models.resolve(name))
+        for warning in caught:
+            print(f"warning: --threat_models: {warning.message}", file=sys.stderr)
     try:
         image_data = flags_common.load_data_from_flags()
     except data_lib.DataError as error:
@@ -178,38 +191,40 @@ def main(argv):
     noise = purifier.config.inference_noise_std if purifier is not None else None
     print(f"Evaluating on {len(images)} held-out images of {image_data.name} "
           f"{image_data.image_shape}: attacks {', '.join(FLAGS.attacks)}; eps "
-          f"{', '.join(FLAGS.eps)}; threat models {', '.join(FLAGS.threat_models)}; defenses "
+          f"{', '.join(FLAGS.eps)}; threat models {', '.join(threat_model_names)}; defenses "
           f"{', '.join(defenses)}" + (f"; purifier inference noise std {noise}"
                                       if purifier is not None else ""))
     try:
-        result = evaluation.evaluate(
+        result = paper.evaluate(
             classifier, defenses, images, labels, FLAGS.attacks, [float(e) for e in FLAGS.eps],
-            threat_models=FLAGS.threat_models, steps=steps, eot_samples=FLAGS.eot_samples,
+            threat_models=threat_model_names, steps=steps, eot_samples=FLAGS.eot_samples,
             batch_size=FLAGS.batch_size, attack_options=options)
     except ValueError as error:
         sys.exit(f"error: {error}")
     seconds = time.perf_counter() - started
     metadata = {"dataset": image_data.name, "classifier": FLAGS.classifier_dir,
                 "comdefend": FLAGS.comdefend_dir, "seed": FLAGS.seed,
-                "purifier_inference_noise_std": noise, "wall_seconds": round(seconds, 1)}
-    paths = evaluation.write_results(result, FLAGS.output_dir, metadata)
-    plot_path = evaluation.plot_accuracy_vs_eps(
-        result, os.path.join(FLAGS.output_dir, evaluation.ACCURACY_PLOT))
-    grid_path = os.path.join(FLAGS.output_dir, evaluation.GRID_PLOT)
+                "purifier_inference_noise_std": noise, "wall_seconds": round(seconds, 1),
+                "cpu_seconds": round(cpu_time.process_cpu_seconds(), 1)}
+    paths = report.write_results(result, FLAGS.output_dir, metadata)
+    plot_path = report.plot_accuracy_vs_eps(
+        result, os.path.join(FLAGS.output_dir, report.ACCURACY_PLOT))
+    grid_path = os.path.join(FLAGS.output_dir, report.GRID_PLOT)
     if result.examples is not None:
         adversarial, title = result.examples["adversarial"], (
             f"{result.examples['attack']} eps {result.examples['eps']:g}")
     else:
         adversarial, title = images, "clean (no bounded attack)"
     other = next((defenses[name] for name in defenses if name != "none"), None)
-    evaluation.plot_purification_grid(grid_path, images, adversarial, classifier,
+    report.plot_purification_grid(grid_path, images, adversarial, classifier,
                                       purifier=purifier, defense=other, title=title,
                                       count=FLAGS.grid_examples)
     print()
-    print(evaluation.format_table(result.rows))
+    print(report.format_table(result.rows))
     print()
     print("Clean accuracy: " + ", ".join(f"{name} {100 * value:.1f} %"
                                          for name, value in result.clean_accuracy.items()))
+    print(report.cpu_line(metadata, len(images)))
     print(f"Wrote {paths['markdown']}, {paths['json']}, {plot_path} and {grid_path} "
           f"({seconds:.0f} s)")
 

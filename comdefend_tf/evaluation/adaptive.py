@@ -1,0 +1,591 @@
+"""The adaptive protocol (the robustness report): APGD-CE/-T/-DLR and Square under every
+threat model, scored over noise draws, worst case per example, run as a cascade.
+
+What runs, per norm and eps (``Protocol``), on the same N examples:
+
+* ``none`` (undefended): ``white_box`` APGD (the losses of ``Protocol.losses``: CE, targeted
+  DLR over the top ``target_classes`` classes (APGD-T), DLR), ``transfer`` from the second
+  classifier when one is given, ``gradient_free`` Square (L-inf at L-inf radii, L2 at L2 radii).
+* every defense (ComDefend and the baselines): ``oblivious`` and ``transfer`` (images made once
+  on the classifier / the second classifier, scored through every defense), ``bpda_eot`` and
+  ``bpda_identity`` (the latter only where it differs: not for JPEG and bit depth, whose own
+  backward pass is the identity), ComDefend's ``soft_path`` and ``fixed_noise`` (randomized
+  ComDefend only), each with every loss, then ``gradient_free`` Square.
+* ``sanity_eps``: larger L-inf radii with APGD-CE ``white_box``/``oblivious``/``bpda_eot`` only.
+* the ablation (steps and EOT samples of ComDefend ``bpda_eot`` APGD-CE at the headline eps).
+
+Every run has its own seed (``seeds.attack_seed``). Every adversarial set passes
+``checks.check_adversarial`` before it is scored. Scoring: ``scoring`` (K draws for the
+randomized ComDefend, strict / majority / mean, Wilson intervals).
+
+**Cascade** (default, as AutoAttack runs its attacks): for each defense and eps the attacks
+run in a fixed order, cheap and strong first (the defense-independent images, which are made
+once anyway; then every threat model's APGD-CE, APGD-T, APGD-DLR; Square last), each only on
+the examples every earlier attack left standing. "Standing" is the majority sense (right in
+more than half of the draws of every attack so far), a superset of the strict sense, so both
+worst cases are exact: an example that is already out by majority is out strictly too. Rows
+then say on how many examples each attack ran (``ran_on``) and give its accuracy there.
+``per_attack_rows=True`` runs every attack on every example instead (rows are each attack's own
+accuracy on all N); the worst cases are the same up to the randomness of the attacks.
+
+Worst case per defense and eps: **strict** (the headline: correct on the clean image and in
+every draw of every attack: the deployed pipeline makes one draw per request and an attacker
+can resubmit) and **majority** (a majority of the draws of each attack), both with Wilson
+intervals. Masking check, per example: examples that Square breaks although every gradient
+attack on the same deployed pipeline (``white_box``, ``bpda_eot``, ``bpda_identity``) ran on
+them and missed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from comdefend_tf import defenses as defenses_lib
+from comdefend_tf.attacks import apgd as apgd_lib
+from comdefend_tf.attacks import square as square_lib
+from comdefend_tf.evaluation import checks, scoring, seeds
+from comdefend_tf.evaluation import threat_models as threat_models_lib
+
+BASELINE_DEFENSES = ("jpeg", "bit_depth", "median")
+DEFENSES = ("none", "comdefend") + BASELINE_DEFENSES
+NORMS = ("linf", "l2")
+# Cascade order: APGD-CE, APGD-T (targeted DLR), APGD-DLR.
+LOSSES = ("ce", "t", "dlr")
+THREAT_MODELS = ("oblivious", "bpda_eot", "bpda_identity", "soft_path", "fixed_noise",
+                 "transfer", "gradient_free")
+# Gradient attacks on the deployed pipeline, compared with Square by the masking check.
+PIPELINE_GRADIENT_THREAT_MODELS = ("white_box", "bpda_eot", "bpda_identity")
+ROW_COLUMNS = ("threat_model", "attack", "norm", "eps", "steps", "eot", "restarts", "defense",
+               "n", "clean_acc", "undefended_success", "robust_acc_mean", "robust_acc_majority",
+               "robust_acc_strict", "ci_low", "ci_high", "standing_strict", "standing_majority")
+WORST_CASE = "worst_case"
+FIXED_NOISE_SAME_DRAW = "fixed_noise_same_draw"
+ATTACK_NAMES = {"ce": "apgd-ce", "t": "apgd-t", "dlr": "apgd-dlr"}
+
+
+def default_eps(image_shape) -> dict:
+    """Default radii per norm for an image shape ``(H, W, C)``: grayscale digits L-inf 0.1,
+    0.2, 0.3 (headline 0.3), L2 2.0; RGB L-inf 2/255, 8/255 (headline), 16/255, L2 0.5.
+    Returns ``{"linf": [...], "l2": [...], "headline": eps, "sanity": [...]}``, ``sanity``
+    being larger L-inf radii at which accuracy should reach about 0."""
+    if image_shape[-1] == 1:
+        return {"linf": [0.1, 0.2, 0.3], "l2": [2.0], "headline": 0.3, "sanity": [0.4, 0.5]}
+    return {"linf": [2 / 255, 8 / 255, 16 / 255], "l2": [0.5], "headline": 8 / 255,
+            "sanity": [32 / 255, 64 / 255]}
+
+
+@dataclasses.dataclass
+class Protocol:
+    """Settings of one adaptive evaluation (``train/robustness_report.py`` documents each).
+
+    ``eps`` maps a norm (``linf``/``l2``) to its radii; ``sanity_eps`` are extra L-inf radii
+    run with APGD-CE only; ``eot_samples`` is K for attacks and scoring of a randomized
+    defense; ``square_eot`` the draws Square scores each candidate over on a randomized
+    defense (None: ``eot_samples``); ``target_classes`` APGD-T's targets; the ablation runs
+    ComDefend ``bpda_eot`` APGD-CE at ``headline_eps`` on the first ``ablation_examples``.
+    """
+
+    eps: dict
+    headline_eps: float
+    sanity_eps: Sequence[float] = ()
+    steps: int = 50
+    eot_samples: int = 5
+    restarts: int = 1
+    square_queries: int = 5000
+    square_eot: int | None = None
+    target_classes: int = 9
+    losses: Sequence[str] = LOSSES
+    threat_models: Sequence[str] = THREAT_MODELS
+    defenses: Sequence[str] = DEFENSES
+    ablation_steps: Sequence[int] = (50, 100, 200)
+    ablation_eot: Sequence[int] = (1, 5, 20)
+    ablation_examples: int = 50
+    batch_size: int = 500
+    seed: int = 0
+    per_attack_rows: bool = False
+
+    def __post_init__(self):
+        for norm, radii in self.eps.items():
+            if norm not in NORMS:
+                raise ValueError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
+            for eps in radii:
+                if not eps > 0 or (norm == "linf" and eps > 1):
+                    raise ValueError(f"{norm} eps must be in (0, 1] for linf and > 0 for l2, "
+                                     f"got {eps}")
+        for eps in self.sanity_eps:
+            if not 0 < eps <= 1:
+                raise ValueError(f"sanity eps must be L-inf radii in (0, 1], got {eps}")
+        self.threat_models = [threat_models_lib.resolve(name) for name in self.threat_models]
+        for name in self.threat_models:
+            if name not in THREAT_MODELS:
+                raise ValueError(f"threat model {name!r} is not one of the adaptive protocol's: "
+                                 f"{', '.join(THREAT_MODELS)} (white_box always runs on none)")
+        for name in self.defenses:
+            if name not in DEFENSES:
+                raise ValueError(f"unknown defense {name!r}; choose from {', '.join(DEFENSES)}")
+        for loss in self.losses:
+            if loss not in LOSSES:
+                raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)} (t: "
+                                 "APGD-T, targeted DLR)")
+        self.losses = [loss for loss in LOSSES if loss in self.losses]  # cascade order
+        positive = {"steps": self.steps, "eot_samples": self.eot_samples,
+                    "restarts": self.restarts, "square_queries": self.square_queries,
+                    "batch_size": self.batch_size, "target_classes": self.target_classes,
+                    "square_eot": self.square_eot or 1}
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if any(v < 1 for v in tuple(self.ablation_steps) + tuple(self.ablation_eot)):
+            raise ValueError("ablation steps and EOT samples must be >= 1")
+
+
+@dataclasses.dataclass
+class Models:
+    """What is evaluated: the classifier, the ComDefend purifier (or None), the second
+    classifier for transfer (or None) and the baseline layers by name."""
+
+    classifier: object
+    purifier: object = None
+    second_classifier: object = None
+    baselines: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class CascadeAttack:
+    """One entry of a defense's cascade: ``run(indices)`` returns the adversarial images
+    (float32 ``[len(indices), H, W, C]``) for those examples."""
+
+    threat_model: str
+    attack: str
+    steps: int
+    eot: int
+    restarts: int
+    run: Callable[[np.ndarray], np.ndarray]
+    same_draw_noise: np.ndarray | None = None  # fixed_noise: also scored with the attacker's draw
+
+
+def _adversarial_of(result) -> np.ndarray:
+    """The adversarial images of an attack's result (an ``APGDResult``-like object with
+    ``adversarial``, or Square's ``(adversarial, margins)``)."""
+    if hasattr(result, "adversarial"):
+        return np.asarray(result.adversarial, np.float32)
+    return np.asarray(result[0], np.float32)
+
+
+class Evaluation:
+    """Runs the protocol: ``run(progress)`` and then ``results()``."""
+
+    def __init__(self, models: Models, images: np.ndarray, labels: np.ndarray,
+                 protocol: Protocol):
+        if models.classifier is None:
+            raise ValueError("a classifier is required")
+        images = np.asarray(images, np.float32)
+        labels = np.asarray(labels, np.int64)
+        if images.ndim != 4 or len(images) != len(labels) or len(images) < 1:
+            raise ValueError(f"expected images [N, H, W, C] and labels [N] with N >= 1, got "
+                             f"{images.shape} and {labels.shape}")
+        if "comdefend" in protocol.defenses and models.purifier is None:
+            raise ValueError("defense comdefend needs a ComDefend purifier")
+        if "transfer" in protocol.threat_models and models.second_classifier is None:
+            raise ValueError("threat model transfer needs a second, independently trained "
+                             "classifier")
+        if models.second_classifier is not None:
+            checks.check_second_classifier(models.classifier, models.second_classifier)
+        for name in protocol.defenses:
+            if name in BASELINE_DEFENSES and name not in models.baselines:
+                raise ValueError(f"baseline defense {name!r} missing from models.baselines")
+        self.models = models
+        self.images = images
+        self.labels = labels
+        self.protocol = protocol
+        self.randomized = (models.purifier is not None
+                           and defenses_lib.is_randomized(models.purifier))
+        self.rows: list[dict] = []
+        self.worst: list[dict] = []
+        self.masking: list[dict] = []
+        self.clean: dict = {}
+        self.gradient_checks: list[dict] = []
+        self.ablation: list[dict] = []
+        self.convergence: dict = {}
+        self._shared: dict = {}
+        self._attacked_models: dict = {}
+        self._predict: dict = {}
+        self._fixed_noise = None
+        self._standing_at_headline: dict = {}
+
+    # ------------------------------------------------------------------------ helpers
+    def defense(self, name):
+        if name == "none":
+            return None
+        if name == "comdefend":
+            return self.models.purifier
+        return self.models.baselines[name]
+
+    def draws(self, defense_name: str) -> int:
+        return self.protocol.eot_samples if (defense_name == "comdefend"
+                                             and self.randomized) else 1
+
+    def _predict_fn(self, defense_name):
+        if defense_name not in self._predict:
+            self._predict[defense_name] = threat_models_lib.pipeline_fn(
+                self.models.classifier, self.defense(defense_name)) if defense_name != "none" \
+                else threat_models_lib.classifier_fn(self.models.classifier)
+        return self._predict[defense_name]
+
+    def score(self, defense_name, images, labels) -> np.ndarray:
+        """bool ``[draws, n]``: the defended classifier right on each draw."""
+        return scoring.correct_per_draw(self._predict_fn(defense_name), images, labels,
+                                        self.draws(defense_name), self.protocol.batch_size)
+
+    def fixed_noise(self):
+        """Per-example noise draws of the ``fixed_noise`` attacker, float32 ``[N, h, w,
+        code_channels]`` (seeded by the protocol's seed)."""
+        if self._fixed_noise is None:
+            purifier = self.models.purifier
+            shape = purifier.encoder.compute_output_shape((None,) + self.images.shape[1:])
+            generator = np.random.default_rng(seeds.attack_seed(
+                self.protocol.seed, "noise", None, "fixed_noise", "-", 0.0, "comdefend"))
+            self._fixed_noise = (purifier.config.inference_noise_std * generator.normal(
+                size=(len(self.images),) + tuple(shape[1:]))).astype(np.float32)
+        return self._fixed_noise
+
+    def _apgd(self, attacked, indices, norm, eps, loss, eot, seed, steps=None, label=""):
+        protocol = self.protocol
+        images, labels = self.images[indices], self.labels[indices]
+        model = attacked.model
+        if attacked.index_aware:
+            noise = self.fixed_noise()[indices]
+            model = threat_models_lib.fixed_noise_fn(self.models.classifier,
+                                                     self.models.purifier, noise)
+        common = dict(eps=eps, norm=norm, steps=steps or protocol.steps, eot_iter=eot,
+                      seed=seed, batch_size=protocol.batch_size)
+        if attacked.index_aware:
+            common["index_aware"] = True
+        if loss == "t":
+            result = apgd_lib.apgd_targeted(model, images, labels,
+                                            n_target_classes=protocol.target_classes, **common)
+        else:
+            result = apgd_lib.apgd(model, images, labels, loss=loss, restarts=protocol.restarts,
+                                   **common)
+        check = scoring.gradient_check(result.zero_gradient_fraction, result.nonfinite_gradients)
+        check.update(attack=label, norm=norm, eps=float(eps), loss=loss, eot=int(eot),
+                     gradient_calls=int(result.gradient_calls), examples=int(len(indices)))
+        self.gradient_checks.append(check)
+        return result
+
+    def _square(self, model, indices, norm, eps, eot, seed):
+        if not hasattr(square_lib, "square"):  # DEV-FALLBACK
+            if norm != "linf":
+                return self.images[indices]
+            return square_lib.square_linf(model, self.images[indices], self.labels[indices],
+                                          eps, self.protocol.square_queries, seed=seed)[0]
+        result = square_lib.square(model, self.images[indices], self.labels[indices], eps,
+                                   norm=norm, queries=self.protocol.square_queries,
+                                   eot_draws=eot, seed=seed)
+        return _adversarial_of(result)
+
+    # ---------------------------------------------------------------------- cascades
+    def _attacked(self, threat_model, defense_name):
+        """One attacked callable per (threat model, defense), reused at every eps (the
+        attacks cache their compiled steps per model)."""
+        key = (threat_model, defense_name)
+        if key not in self._attacked_models:
+            self._attacked_models[key] = threat_models_lib.build(
+                threat_model, self.models.classifier, self.defense(defense_name),
+                second_classifier=self.models.second_classifier,
+                fixed_noise=self.fixed_noise() if threat_model == "fixed_noise" else None)
+        return self._attacked_models[key]
+
+    def _shared_run(self, threat_model, loss, norm, eps, steps=None):
+        """Adversarial images of a defense-independent attack on every example (made once)."""
+        key = (threat_model, loss, norm, float(eps), steps)
+        if key not in self._shared:
+            source = "second_classifier" if threat_model == "transfer" else "classifier"
+            attacked = self._attacked(threat_model, "none")
+            seed = seeds.attack_seed(self.protocol.seed, ATTACK_NAMES[loss], loss, threat_model,
+                                     norm, eps, source)
+            result = self._apgd(attacked, np.arange(len(self.images)), norm, eps, loss, 1, seed,
+                                steps=steps, label=f"{threat_model}/{source}")
+            self._shared[key] = _adversarial_of(result)
+        return self._shared[key]
+
+    def cascade(self, defense_name: str, norm: str, eps: float, full: bool) -> list:
+        """The ordered attacks on one defense at one radius (see the module docstring)."""
+        protocol = self.protocol
+        defense = self.defense(defense_name)
+        losses = protocol.losses if full else ["ce"]
+        chosen = protocol.threat_models if full else [
+            t for t in protocol.threat_models if t in ("oblivious", "bpda_eot")]
+        undefended = defense_name == "none"
+        candidates = (["white_box"] if undefended else []) + [
+            t for t in chosen if t != "gradient_free"]
+        applicable = [t for t in candidates if threat_models_lib.applies(t, defense_name,
+                                                                         defense)]
+        K = self.draws(defense_name)
+        attacks = []
+        # Defense-independent images first: made once for every defense, only scored here.
+        for loss in losses:
+            for threat_model in applicable:
+                if threat_model in ("white_box", "oblivious", "transfer"):
+                    source = "oblivious" if threat_model == "white_box" else threat_model
+                    attacks.append(CascadeAttack(
+                        threat_model, ATTACK_NAMES[loss], protocol.steps, 1, protocol.restarts,
+                        lambda indices, source=source, loss=loss: self._shared_run(
+                            source, loss, norm, eps)[indices]))
+        for loss in losses:
+            for threat_model in applicable:
+                if threat_model in ("white_box", "oblivious", "transfer"):
+                    continue
+                fixed = threat_model == "fixed_noise"
+                attacked = self._attacked(threat_model, defense_name)
+                eot = 1 if fixed else K
+                seed = seeds.attack_seed(protocol.seed, ATTACK_NAMES[loss], loss, threat_model,
+                                         norm, eps, defense_name)
+
+                def run(indices, attacked=attacked, loss=loss, eot=eot, seed=seed,
+                        threat_model=threat_model):
+                    result = self._apgd(attacked, indices, norm, eps, loss, eot, seed,
+                                        label=f"{threat_model}/{defense_name}")
+                    if (defense_name == "comdefend" and threat_model == "bpda_eot"
+                            and loss == "ce" and math.isclose(eps, protocol.headline_eps)):
+                        self.convergence[f"{norm} eps={eps:g}"] = {
+                            "examples": int(len(indices)),
+                            "robust_curve": np.asarray(result.robust_curve).tolist(),
+                            "loss_curve": np.asarray(result.loss_curve).tolist(),
+                            "step_sizes": np.asarray(result.step_sizes).tolist()}
+                    return _adversarial_of(result)
+                attacks.append(CascadeAttack(threat_model, ATTACK_NAMES[loss], protocol.steps,
+                                             eot, protocol.restarts, run,
+                                             self.fixed_noise() if fixed else None))
+        if full and "gradient_free" in protocol.threat_models:
+            attacked = self._attacked("white_box" if undefended else "gradient_free",
+                                      defense_name)
+            square_eot = (protocol.square_eot or protocol.eot_samples) if K > 1 else 1
+            seed = seeds.attack_seed(protocol.seed, "square", None, "gradient_free", norm, eps,
+                                     defense_name)
+            attacks.append(CascadeAttack(
+                "gradient_free", "square", protocol.square_queries, square_eot, 1,
+                lambda indices, model=attacked.model, square_eot=square_eot, seed=seed:
+                self._square(model, indices, norm, eps, square_eot, seed)))
+        return attacks
+
+    # --------------------------------------------------------------------------- run
+    def run(self, progress: Callable[[str], None] | None = None) -> dict:
+        """Runs everything; ``progress(description)`` is told before each step. Returns
+        ``results()``."""
+        protocol = self.protocol
+        say = progress or (lambda description: None)
+        say("clean accuracy")
+        clean_correct = {}
+        for name in protocol.defenses:
+            clean_correct[name] = self.score(name, self.images, self.labels)
+            self.clean[name] = scoring.summarize(clean_correct[name])
+        undefended_clean = scoring.correct_per_draw(self._predict_fn("none"), self.images,
+                                                    self.labels, 1, protocol.batch_size)[0]
+        runs = [(norm, float(eps), True) for norm, radii in protocol.eps.items()
+                for eps in radii]
+        runs += [("linf", float(eps), False) for eps in protocol.sanity_eps
+                 if eps not in protocol.eps.get("linf", ())]
+        for norm, eps, full in runs:
+            for name in protocol.defenses:
+                self._run_cascade(name, norm, eps, full, clean_correct[name], undefended_clean,
+                                  say)
+        if protocol.ablation_steps or protocol.ablation_eot:
+            if "comdefend" in protocol.defenses:
+                self._run_ablation(say)
+        return self.results()
+
+    def _run_cascade(self, defense_name, norm, eps, full, clean_correct, undefended_clean, say):
+        count = len(self.images)
+        standing_strict = scoring.robust_strictly(clean_correct)
+        standing_majority = scoring.robust_by_majority(clean_correct)
+        # Per attack: 1 survived, 0 broken, -1 not run (already out).
+        outcomes = []
+        broken_first = {}
+        classifier = self._predict_fn("none")
+        for attack in self.cascade(defense_name, norm, eps, full):
+            key = f"{attack.threat_model}/{attack.attack}"
+            if self.protocol.per_attack_rows:
+                indices = np.arange(count)
+            else:
+                indices = np.flatnonzero(standing_majority)
+            say(f"{norm} eps={eps:g} {defense_name}: {key} on {len(indices)} examples")
+            strict_outcome = np.full(count, -1, np.int8)
+            majority_outcome = np.full(count, -1, np.int8)
+            row = {"threat_model": attack.threat_model, "attack": attack.attack, "norm": norm,
+                   "eps": eps, "steps": attack.steps, "eot": attack.eot,
+                   "restarts": attack.restarts, "defense": defense_name, "n": int(len(indices)),
+                   "clean_acc": self.clean[defense_name]["mean_acc"],
+                   "scope": "all examples" if self.protocol.per_attack_rows else "cascade"}
+            if len(indices):
+                adversarial = attack.run(indices)
+                checks.check_adversarial(self.images[indices], adversarial, eps, norm)
+                labels = self.labels[indices]
+                correct = self.score(defense_name, adversarial, labels)
+                strict, majority = scoring.robust_strictly(correct), scoring.robust_by_majority(
+                    correct)
+                strict_outcome[indices] = strict
+                majority_outcome[indices] = majority
+                newly = standing_strict[indices] & ~strict
+                broken_first[key] = broken_first.get(key, 0) + int(newly.sum())
+                standing_strict[indices] &= strict
+                standing_majority[indices] &= majority
+                summary = scoring.summarize(correct)
+                fooled_on = undefended_clean[indices]
+                undefended_wrong = scoring.correct_per_draw(
+                    classifier, adversarial, labels, 1, self.protocol.batch_size)[0] == 0
+                row.update(robust_acc_mean=summary["mean_acc"],
+                           robust_acc_majority=summary["majority_acc"],
+                           robust_acc_strict=summary["strict_acc"], ci_low=summary["ci_low"],
+                           ci_high=summary["ci_high"], majority_ci=summary["majority_ci"],
+                           undefended_success=float(np.sum(fooled_on & undefended_wrong)
+                                                    / max(int(fooled_on.sum()), 1)))
+            else:
+                row.update(robust_acc_mean=None, robust_acc_majority=None,
+                           robust_acc_strict=None, ci_low=None, ci_high=None, majority_ci=None,
+                           undefended_success=None)
+            row.update(standing_strict=float(standing_strict.mean()),
+                       standing_majority=float(standing_majority.mean()))
+            self.rows.append(row)
+            if len(indices) and attack.same_draw_noise is not None:
+                self._same_draw_row(row, adversarial, indices, attack.same_draw_noise)
+            outcomes.append((attack, strict_outcome))
+        if not full and not outcomes:
+            return
+        strict_ci = scoring.wilson_interval(int(standing_strict.sum()), count)
+        majority_ci = scoring.wilson_interval(int(standing_majority.sum()), count)
+        self.worst.append({
+            "threat_model": WORST_CASE, "attack": "all", "norm": norm, "eps": eps,
+            "defense": defense_name, "n": count,
+            "clean_acc": self.clean[defense_name]["mean_acc"],
+            "clean_acc_strict": self.clean[defense_name]["strict_acc"],
+            "robust_acc_strict": float(standing_strict.mean()), "ci_low": strict_ci[0],
+            "ci_high": strict_ci[1], "robust_acc_majority": float(standing_majority.mean()),
+            "majority_ci": list(majority_ci), "attacks": [f"{a.threat_model}/{a.attack}"
+                                                          for a, _ in outcomes],
+            "broken_first": broken_first, "full": full,
+            "robust_examples": np.flatnonzero(standing_strict).tolist()})
+        self._masking(defense_name, norm, eps, outcomes)
+
+    def _same_draw_row(self, row, adversarial, indices, noise):
+        model = tf.function(threat_models_lib.fixed_noise_fn(
+            self.models.classifier, self.models.purifier, noise[indices]))
+        logits = model(tf.constant(adversarial), tf.range(len(indices)))
+        correct = (np.asarray(logits).argmax(-1) == self.labels[indices])[None, :]
+        summary = scoring.summarize(correct)
+        same = dict(row, threat_model=FIXED_NOISE_SAME_DRAW, eot=1,
+                    robust_acc_mean=summary["mean_acc"],
+                    robust_acc_majority=summary["majority_acc"],
+                    robust_acc_strict=summary["strict_acc"], ci_low=summary["ci_low"],
+                    ci_high=summary["ci_high"], majority_ci=summary["majority_ci"],
+                    undefended_success=None, in_worst_case=False)
+        self.rows.append(same)
+
+    def _masking(self, defense_name, norm, eps, outcomes):
+        square = [outcome for attack, outcome in outcomes if attack.attack == "square"]
+        gradient = [outcome for attack, outcome in outcomes
+                    if attack.threat_model in PIPELINE_GRADIENT_THREAT_MODELS]
+        if not square or not gradient:
+            return
+        missed_by_gradients = np.all(np.stack(gradient) == 1, axis=0)
+        masked = (square[0] == 0) & missed_by_gradients
+        self.masking.append({"defense": defense_name, "norm": norm, "eps": eps,
+                             "count": int(masked.sum()),
+                             "examples": np.flatnonzero(masked).tolist(),
+                             "square_ran_on": int(np.sum(square[0] >= 0))})
+
+    def _run_ablation(self, say):
+        protocol = self.protocol
+        count = min(protocol.ablation_examples, len(self.images))
+        indices = np.arange(count)
+        attacked = self._attacked("bpda_eot", "comdefend")
+        settings = sorted({(s, protocol.eot_samples) for s in protocol.ablation_steps}
+                          | {(protocol.steps, k) for k in protocol.ablation_eot})
+        if not self.randomized:
+            settings = sorted({(s, 1) for s, _ in settings})
+        for steps, eot in settings:
+            say(f"ablation steps={steps} eot={eot}")
+            seed = seeds.attack_seed(protocol.seed, f"apgd-ce/steps={steps}/eot={eot}", "ce",
+                                     "bpda_eot", "linf", protocol.headline_eps, "comdefend")
+            result = self._apgd(attacked, indices, "linf", protocol.headline_eps, "ce", eot,
+                                seed, steps=steps, label="ablation/comdefend")
+            adversarial = _adversarial_of(result)
+            checks.check_adversarial(self.images[indices], adversarial, protocol.headline_eps,
+                                     "linf")
+            correct = self.score("comdefend", adversarial, self.labels[indices])
+            summary = scoring.summarize(correct)
+            self.ablation.append({"steps": steps, "eot": eot, "n": count,
+                                  "robust_acc_mean": summary["mean_acc"],
+                                  "robust_acc_majority": summary["majority_acc"],
+                                  "robust_acc_strict": summary["strict_acc"],
+                                  "ci_low": summary["ci_low"], "ci_high": summary["ci_high"],
+                                  "robust": scoring.robust_strictly(correct)})
+
+    # ------------------------------------------------------------------------ results
+    def ablation_summary(self) -> list[dict]:
+        """Ablation rows, each with ``cumulative_worst_case``: the strict worst case over the
+        main protocol at the headline eps and every ablation run up to this one (in order of
+        increasing budget) on the ablation examples."""
+        if not self.ablation:
+            return []
+        count = self.ablation[0]["n"]
+        robust = np.ones(count, bool)
+        for worst in self.worst:
+            if (worst["defense"] == "comdefend" and worst["norm"] == "linf"
+                    and math.isclose(worst["eps"], self.protocol.headline_eps)):
+                kept = np.zeros(len(self.images), bool)
+                kept[worst["robust_examples"]] = True
+                robust &= kept[:count]
+        rows = []
+        for entry in sorted(self.ablation, key=lambda e: (e["steps"] * e["eot"], e["steps"])):
+            robust &= entry["robust"]
+            row = {key: value for key, value in entry.items() if key != "robust"}
+            row["cumulative_worst_case"] = float(robust.mean())
+            rows.append(row)
+        return rows
+
+    def masking_warnings(self) -> list[str]:
+        return [f"{m['defense']} {m['norm']} eps={m['eps']:g}: Square broke {m['count']} "
+                f"example(s) that every gradient attack on the deployed pipeline missed "
+                f"(examples {m['examples']}): the gradients are masked there"
+                for m in self.masking if m["count"]]
+
+    def results(self) -> dict:
+        failed = [c for c in self.gradient_checks if not c["ok"]]
+        return {"rows": self.rows, "worst_case": self.worst,
+                "ablation": self.ablation_summary(), "clean": self.clean,
+                "gradient_checks": self.gradient_checks, "gradient_checks_ok": not failed,
+                "masking": self.masking, "masking_warnings": self.masking_warnings(),
+                "convergence": self.convergence, "randomized": self.randomized,
+                "cascade": not self.protocol.per_attack_rows, "n": int(len(self.images)),
+                "settings": settings_of(self.protocol)}
+
+
+def settings_of(protocol: Protocol) -> dict:
+    """The protocol as a JSON-serialisable dict."""
+    values = dataclasses.asdict(protocol)
+    values["eps"] = {norm: [float(e) for e in radii] for norm, radii in protocol.eps.items()}
+    return {key: (list(value) if isinstance(value, tuple) else value)
+            for key, value in values.items()}
+
+
+def best_baseline(worst_rows: list[dict], headline_eps: float, norm: str = "linf",
+                  key: str = "robust_acc_strict") -> str | None:
+    """The baseline defense with the highest (strict) worst-case accuracy at the headline eps;
+    ties (for example all at 0) go to the highest mean over every ``norm`` eps."""
+    rows = [r for r in worst_rows if r["defense"] in BASELINE_DEFENSES and r["norm"] == norm]
+    names = sorted({r["defense"] for r in rows})
+    if not names:
+        return None
+
+    def rank(name):
+        own = [r for r in rows if r["defense"] == name]
+        headline = [r[key] for r in own if math.isclose(r["eps"], headline_eps)]
+        return (headline[0] if headline else -1.0, float(np.mean([r[key] for r in own])))
+    return max(names, key=rank)
+

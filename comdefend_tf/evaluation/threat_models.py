@@ -1,0 +1,204 @@
+"""The one vocabulary of threat models: what the attacker differentiates, per protocol.
+
+A threat model decides which callable an attack sees; nothing else changes (cleverhans' lesson:
+an attack takes any callable from images to logits). ``build`` returns that callable and says
+in words what it differentiates:
+
+============== ====================================================================
+name           the attacked callable
+============== ====================================================================
+white_box      the undefended classifier (rows of the defense ``none``)
+oblivious      the classifier alone; its images are then defended (the paper's setting)
+bpda_eot       ``classifier(defense(x))`` with the deployed forward pass and the defense's
+               own straight-through gradient (ComDefend: the binarizer's; JPEG, bit depth:
+               identity; median: its real gradient); EOT over noise draws
+bpda_identity  ``classifier(x + stop_gradient(defense(x) - x))``: the whole purifier is the
+               identity in the backward pass (Athalye et al. 2018), EOT over noise draws
+soft_path      ComDefend with ``sigmoid(noisy logits)`` in place of the threshold (the exact
+               gradient of a smooth surrogate); scored on the deployed (hard) pipeline
+fixed_noise    ComDefend with each example's noise draw fixed and known to the attacker
+transfer       a second, independently trained classifier
+gradient_free  Square: forward passes of the deployed pipeline only
+============== ====================================================================
+
+``adaptive``, the paper protocol's former name of ``bpda_eot``, is accepted by ``resolve``
+with a ``DeprecationWarning``.
+
+EOT comes in two forms, and each protocol says which it used: the adaptive protocol's APGD
+averages the loss gradient over K draws per step (AutoAttack's form, ``eot_iter``); the paper
+protocol's cleverhans attacks see ``expectation_over_transformation``, the logits averaged over
+K draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Callable
+
+import tensorflow as tf
+from keras import ops
+
+from comdefend_tf import defenses as defenses_lib
+
+THREAT_MODELS = ("white_box", "oblivious", "bpda_eot", "bpda_identity", "soft_path",
+                 "fixed_noise", "transfer", "gradient_free")
+DEPRECATED_ALIASES = {"adaptive": "bpda_eot"}
+# Threat models whose adversarial images do not depend on the defense: computed once per
+# (attack, eps) and scored on every defense.
+DEFENSE_INDEPENDENT = ("oblivious", "transfer")
+# Threat models that need ComDefend's own forward options (code path, noise).
+COMDEFEND_ONLY = ("soft_path", "fixed_noise")
+DIFFERENTIATES = {
+    "white_box": "the undefended classifier",
+    "oblivious": "the classifier alone (its images then go through the defense)",
+    "bpda_eot": "classifier(defense(x)): deployed forward pass, the defense's own "
+                "straight-through or real gradient backward, EOT over noise draws",
+    "bpda_identity": "classifier(x + stop_gradient(defense(x) - x)): the whole defense is the "
+                     "identity backward (BPDA, Athalye et al.), EOT over noise draws",
+    "soft_path": "classifier(ComDefend with the soft code sigmoid(noisy logits)), EOT",
+    "fixed_noise": "classifier(ComDefend with each example's known noise draw)",
+    "transfer": "a second, independently trained classifier",
+    "gradient_free": "nothing: forward passes of the deployed pipeline only (Square)",
+}
+
+
+def resolve(name: str) -> str:
+    """The canonical threat-model name; ``adaptive`` becomes ``bpda_eot`` with a
+    ``DeprecationWarning``. Raises ValueError naming the known threat models."""
+    if name in DEPRECATED_ALIASES:
+        canonical = DEPRECATED_ALIASES[name]
+        warnings.warn(f"threat model {name!r} is deprecated; it is {canonical!r} (the "
+                      "straight-through binarizer surrogate)", DeprecationWarning, stacklevel=2)
+        return canonical
+    if name not in THREAT_MODELS:
+        raise ValueError(f"unknown threat model {name!r}; choose from "
+                         f"{', '.join(THREAT_MODELS)} (or the deprecated alias adaptive)")
+    return name
+
+
+def identity_backward(defense) -> Callable:
+    """``x -> x + stop_gradient(defense(x) - x)``: the defense's values forward, the identity's
+    gradient backward (BPDA with the identity as the purifier's approximation)."""
+    def purify(images):
+        images = ops.convert_to_tensor(images)
+        return images + ops.stop_gradient(defense(images) - images)
+    return purify
+
+
+@dataclasses.dataclass
+class AttackedModel:
+    """What an attack sees under a threat model.
+
+    Attributes:
+      threat_model: the canonical name.
+      model: images float32 ``[B, H, W, C]`` in [0, 1] -> logits ``[B, classes]`` (for
+        ``fixed_noise``: ``(images, example_index) -> logits``, see ``index_aware``).
+      differentiates: what the attack's gradient (or query) goes through, in words.
+      randomized: the callable draws fresh noise at each call (attacks need EOT).
+      index_aware: ``model`` takes the examples' positions as a second argument.
+    """
+
+    threat_model: str
+    model: Callable
+    differentiates: str
+    randomized: bool = False
+    index_aware: bool = False
+
+
+def logits_fn(classifier, defense=None, **forward_options) -> Callable:
+    """``images -> classifier(defense(images))`` logits (the classifier alone without a
+    defense); ``forward_options`` go to ``ComDefend.forward`` (``mode``, ``noise``)."""
+    if defense is None:
+        return lambda images: classifier(images, training=False)
+    if forward_options:
+        return lambda images: classifier(defense.forward(images, **forward_options)["purified"],
+                                         training=False)
+    return lambda images: classifier(defense(images), training=False)
+
+
+def classifier_fn(classifier) -> Callable:
+    """The undefended model as a tf.function: images ``[B, H, W, C]`` in [0, 1] -> logits."""
+    return tf.function(logits_fn(classifier), reduce_retracing=True)
+
+
+def pipeline_fn(classifier, defense) -> Callable:
+    """``classifier(defense(images))`` as a tf.function; a randomized defense draws fresh noise
+    at each call."""
+    return tf.function(logits_fn(classifier, defense), reduce_retracing=True)
+
+
+def fixed_noise_fn(classifier, purifier, noise) -> Callable:
+    """``(images, example_index) -> logits`` of the pipeline with each example's own noise
+    draw ``noise[example_index]`` (float ``[N, h, w, code_channels]``)."""
+    noise = tf.constant(noise)
+
+    def logits(images, index):
+        draw = tf.gather(noise, index)
+        return classifier(purifier.forward(images, noise=draw)["purified"], training=False)
+    return logits
+
+
+def applies(threat_model: str, defense_name: str, defense) -> bool:
+    """Whether ``threat_model`` is a distinct attack on this defense: ``white_box`` only on the
+    undefended classifier (with ``gradient_free`` and ``transfer``), the defense-dependent ones only on a real defense, ComDefend's
+    forward options only on ComDefend (``fixed_noise`` only when it is randomized), and
+    ``bpda_identity`` not where the defense's own backward pass already is the identity (JPEG,
+    bit depth: the row would repeat ``bpda_eot``)."""
+    undefended = defense is None or isinstance(defense, defenses_lib.NoDefense)
+    if threat_model == "white_box":
+        return undefended
+    if undefended:
+        # On the undefended classifier oblivious and bpda_* are white_box itself.
+        return threat_model in ("gradient_free", "transfer")
+    if threat_model in COMDEFEND_ONLY and not hasattr(defense, "forward"):
+        return False
+    if threat_model == "fixed_noise":
+        return defenses_lib.is_randomized(defense)
+    if threat_model == "bpda_identity":
+        return not isinstance(defense, (defenses_lib.JpegDefense,
+                                        defenses_lib.BitDepthReduction))
+    return True
+
+
+def build(threat_model: str, classifier, defense=None, second_classifier=None,
+          fixed_noise=None) -> AttackedModel:
+    """The callable an attack differentiates under ``threat_model`` (see the module table).
+
+    Args:
+      threat_model: a name from ``THREAT_MODELS`` (or the alias ``adaptive``).
+      classifier: images -> logits. defense: a layer images -> images (None: undefended).
+      second_classifier: the source model of ``transfer``.
+      fixed_noise: ``fixed_noise``'s per-example draws, float ``[N, h, w, code_channels]``.
+
+    Raises:
+      ValueError: an unknown name, or what the threat model needs is missing.
+    """
+    name = resolve(threat_model)
+    randomized = defense is not None and defenses_lib.is_randomized(defense)
+    describe = DIFFERENTIATES[name]
+    if name in ("white_box", "oblivious"):
+        return AttackedModel(name, logits_fn(classifier), describe)
+    if name == "transfer":
+        if second_classifier is None:
+            raise ValueError("threat model transfer needs a second, independently trained "
+                             "classifier")
+        return AttackedModel(name, logits_fn(second_classifier), describe)
+    if defense is None:
+        raise ValueError(f"threat model {name} attacks a defense; none was given")
+    if name in ("bpda_eot", "gradient_free"):
+        return AttackedModel(name, logits_fn(classifier, defense), describe, randomized)
+    if name == "bpda_identity":
+        purify = identity_backward(defense)
+        return AttackedModel(name, lambda images: classifier(purify(images), training=False),
+                             describe, randomized)
+    if not hasattr(defense, "forward"):
+        raise ValueError(f"threat model {name} needs a ComDefend purifier, got "
+                         f"{type(defense).__name__}")
+    if name == "soft_path":
+        return AttackedModel(name, logits_fn(classifier, defense, mode="soft"), describe,
+                             randomized)
+    if fixed_noise is None:
+        raise ValueError("threat model fixed_noise needs the per-example noise draws")
+    return AttackedModel(name, fixed_noise_fn(classifier, defense, fixed_noise), describe,
+                         False, index_aware=True)
