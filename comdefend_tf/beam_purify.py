@@ -27,6 +27,9 @@ unchanged on Dataflow, Flink or Spark (docs/beam.md):
    ``FEATURE_*``), JSON lines of refusals and, optionally, PNG files mirroring the input tree
    go through Beam's file sinks (written to temporary files, renamed when the stage commits).
 
+Paths with a scheme (``gs://``, ``s3://``, ``hdfs://``) go through Beam's ``FileSystems``
+(listing, reading, model metadata, sinks, manifest); local paths through ``os`` and ``glob``.
+
 Counts are Beam metrics (namespace ``METRICS_NAMESPACE``): ``inputs``, ``purified``,
 ``refused_<reason>``, ``input_bytes``, ``output_bytes``; ``run_purify_pipeline`` queries them
 when the pipeline is done and writes them, with the run time, to ``manifest.json`` last.
@@ -41,7 +44,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -85,6 +88,29 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
 class PurifyPipelineError(ValueError):
     """A bad pipeline request: no inputs, an output folder in use, a missing model."""
+
+
+# Paths: local ones go through os/glob (``**`` recursion, folders); paths with a scheme
+# (``gs://``, ``s3://``, ``hdfs://``) through Beam's FileSystems, so the same request works
+# on a cluster whose workers share no disk with the machine that builds the pipeline.
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def match_files(pattern: str) -> list[str]:
+    """The files ``pattern`` matches, sorted (local glob, or Beam's FileSystems.match)."""
+    if is_remote(pattern):
+        try:
+            result = FileSystems.match([pattern])[0]
+        except Exception:  # BeamIOError when nothing matches or the bucket is unreachable
+            return []
+        return sorted(metadata.path for metadata in result.metadata_list)
+    return sorted(path for path in glob.glob(pattern, recursive=True) if os.path.isfile(path))
+
+
+def _read_text(path: str) -> str:
+    with FileSystems.open(path) as handle:
+        return handle.read().decode("utf-8")
 
 
 # --------------------------------------------------------------------------------- inputs
@@ -143,13 +169,13 @@ def plan_inputs(input_spec: str, data_dir: str | None = None,
 
     if input_spec.startswith(TFRECORD_PREFIX):
         pattern = input_spec[len(TFRECORD_PREFIX):]
-        files = tuple(sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)))
+        files = tuple(match_files(pattern))
         if not files:
             raise PurifyPipelineError(f"no TFRecord file matches {pattern!r}")
         return InputPlan("tfrecord", input_spec, files)
     if input_spec.startswith(TFDS_PREFIX):
         return _plan_tfds(input_spec, input_spec[len(TFDS_PREFIX):], data_dir, tfds_split)
-    if os.path.isdir(input_spec):
+    if not is_remote(input_spec) and os.path.isdir(input_spec):
         root = input_spec
         has_subfolders = any(os.path.isdir(os.path.join(root, entry))
                              for entry in os.listdir(root))
@@ -164,13 +190,14 @@ def plan_inputs(input_spec: str, data_dir: str | None = None,
         pattern = os.path.join(root, "*")
     else:
         root, pattern = _glob_root(input_spec), input_spec
-    paths = sorted(p for p in glob.glob(pattern, recursive=True)
-                   if os.path.isfile(p) and p.lower().endswith(image_io.IMAGE_EXTENSIONS))
+    paths = [path for path in match_files(pattern)
+             if path.lower().endswith(image_io.IMAGE_EXTENSIONS)]
     if not paths:
         raise PurifyPipelineError(f"no {'/'.join(image_io.IMAGE_EXTENSIONS)} file matches "
                                   f"{input_spec!r} (expected a folder, a glob, "
                                   f"{TFRECORD_PREFIX}GLOB or {TFDS_PREFIX}NAME)")
-    relative = [os.path.relpath(path, root) for path in paths]
+    relative = [path[len(root.rstrip("/")) + 1:] if is_remote(root)
+                else os.path.relpath(path, root) for path in paths]
     class_names = sorted({rel.split(os.sep)[0] for rel in relative if os.sep in rel})
     index = {name: label for label, name in enumerate(class_names)}
     triples = tuple((rel, path, index[rel.split(os.sep)[0]] if os.sep in rel else -1)
@@ -435,7 +462,18 @@ class PurifierModelHandler(ModelHandler):
 
         from comdefend_tf.model import load_comdefend
 
-        model = load_comdefend(self._keras_path, inference_noise_std=self._inference_noise_std,
+        keras_path = self._keras_path
+        if is_remote(keras_path):
+            # Keras reads local files only: copy the model file next to the worker first.
+            from comdefend_tf.model import KERAS_FILENAME
+
+            if not keras_path.endswith(".keras"):
+                keras_path = FileSystems.join(keras_path, KERAS_FILENAME)
+            local = os.path.join(tempfile.mkdtemp(prefix="comdefend-"), KERAS_FILENAME)
+            with FileSystems.open(keras_path) as source, open(local, "wb") as target:
+                target.write(source.read())
+            keras_path = local
+        model = load_comdefend(keras_path, inference_noise_std=self._inference_noise_std,
                                seed=self._seed)
 
         def purify(images):
@@ -605,25 +643,29 @@ def model_channels(options: PurifyOptions) -> int:
     from comdefend_tf.model import CONFIG_FILENAME, KERAS_FILENAME
 
     if options.saved_model_dir is not None:
-        metadata = os.path.join(options.saved_model_dir, serving.EXPORT_METADATA_FILENAME)
-        if not os.path.isfile(metadata):
+        metadata = FileSystems.join(options.saved_model_dir, serving.EXPORT_METADATA_FILENAME)
+        if not FileSystems.exists(metadata):
             raise PurifyPipelineError(f"{options.saved_model_dir!r} is not a comdefend export "
                                       f"version folder (no {serving.EXPORT_METADATA_FILENAME})")
-        with open(metadata) as handle:
-            return int(json.load(handle)["comdefend_config"]["input_channels"])
+        return int(json.loads(_read_text(metadata))["comdefend_config"]["input_channels"])
     folder = options.model_dir
-    if os.path.isfile(folder):
+    if folder.endswith(".keras"):
         folder = os.path.dirname(folder)
-    config_path = os.path.join(folder, CONFIG_FILENAME)
-    if not os.path.isfile(os.path.join(folder, KERAS_FILENAME)) or not os.path.isfile(
-            config_path):
+    config_path = FileSystems.join(folder, CONFIG_FILENAME)
+    if not FileSystems.exists(FileSystems.join(folder, KERAS_FILENAME)) or not \
+            FileSystems.exists(config_path):
         raise PurifyPipelineError(f"{options.model_dir!r} is not a model directory (expected "
                                   f"{KERAS_FILENAME} and {CONFIG_FILENAME})")
-    with open(config_path) as handle:
-        return ComDefendConfig.from_dict(json.load(handle)).input_channels
+    return ComDefendConfig.from_dict(json.loads(_read_text(config_path))).input_channels
+
+
+_OUR_OUTPUTS = (PURIFIED_PREFIX, DEAD_LETTER_PREFIX, MANIFEST_FILENAME, PNG_SUBDIR)
 
 
 def _output_entries(output_dir: str) -> list[str]:
+    if is_remote(output_dir):
+        return sorted({path[len(output_dir.rstrip("/")) + 1:].split("/")[0]
+                       for path in match_files(FileSystems.join(output_dir, "**"))})
     if not os.path.isdir(output_dir):
         return []
     return sorted(os.listdir(output_dir))
@@ -639,9 +681,14 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
         raise PurifyPipelineError(f"output folder {output_dir!r} is not empty ({len(entries)} "
                                   f"entries, first {entries[0]!r}); pass --overwrite to replace "
                                   f"a previous run's outputs")
-    ours = (PURIFIED_PREFIX, DEAD_LETTER_PREFIX, MANIFEST_FILENAME, PNG_SUBDIR)
+    if is_remote(output_dir):
+        stale = [path for path in match_files(FileSystems.join(output_dir, "**"))
+                 if path[len(output_dir.rstrip("/")) + 1:].startswith(_OUR_OUTPUTS)]
+        if stale:
+            FileSystems.delete(stale)
+        return
     for entry in entries:
-        if not entry.startswith(ours):
+        if not entry.startswith(_OUR_OUTPUTS):
             continue
         path = os.path.join(output_dir, entry)
         if os.path.isdir(path):
@@ -674,17 +721,17 @@ def build_pipeline(pipeline: beam.Pipeline, options: PurifyOptions, plan: InputP
     written = (purified
                | "ToExample" >> beam.Map(to_example, options.include_code_bits)
                | "WriteTFRecords" >> beam.io.WriteToTFRecord(
-                   os.path.join(output_dir, PURIFIED_PREFIX), file_name_suffix=PURIFIED_SUFFIX,
+                   FileSystems.join(output_dir, PURIFIED_PREFIX), file_name_suffix=PURIFIED_SUFFIX,
                    num_shards=options.num_shards))
     refused = (decoded[DecodeImages.REFUSED]
                | "RefusalToJson" >> beam.Map(Refusal.to_json)
                | "WriteDeadLetter" >> beam.io.WriteToText(
-                   os.path.join(output_dir, DEAD_LETTER_PREFIX),
+                   FileSystems.join(output_dir, DEAD_LETTER_PREFIX),
                    file_name_suffix=DEAD_LETTER_SUFFIX, num_shards=1))
     outputs = {"tfrecords": written, "dead_letter": refused}
     if options.write_pngs:
         outputs["pngs"] = purified | "WritePngs" >> beam.ParDo(
-            WritePng(os.path.join(output_dir, PNG_SUBDIR)))
+            WritePng(FileSystems.join(output_dir, PNG_SUBDIR)))
     return outputs
 
 
@@ -728,7 +775,7 @@ def run_purify_pipeline(options: PurifyOptions, pipeline_args: Sequence[str] = (
         raise PurifyPipelineError("--write_pngs mirrors an input folder tree; it needs a folder "
                                   "or glob input, not records")
     channels = model_channels(options)
-    if options.saved_model_dir is None:
+    if options.saved_model_dir is None and not is_remote(options.model_dir):
         from comdefend_tf.model import load_comdefend
 
         load_comdefend(options.model_dir)  # fail here, not in a worker, on a broken model
@@ -757,23 +804,27 @@ def run_purify_pipeline(options: PurifyOptions, pipeline_args: Sequence[str] = (
         "settings": {key: value for key, value in dataclasses.asdict(options).items()
                      if key not in ("input", "output_dir", "model_dir", "saved_model_dir")},
         "outputs": {
-            "tfrecords": sorted(os.path.basename(p) for p in glob.glob(
-                os.path.join(options.output_dir, PURIFIED_PREFIX + "*" + PURIFIED_SUFFIX))),
-            "dead_letter": sorted(os.path.basename(p) for p in glob.glob(
-                os.path.join(options.output_dir,
-                             DEAD_LETTER_PREFIX + "*" + DEAD_LETTER_SUFFIX))),
+            "tfrecords": [os.path.basename(p) for p in match_files(FileSystems.join(
+                options.output_dir, PURIFIED_PREFIX + "*" + PURIFIED_SUFFIX))],
+            "dead_letter": [os.path.basename(p) for p in match_files(FileSystems.join(
+                options.output_dir, DEAD_LETTER_PREFIX + "*" + DEAD_LETTER_SUFFIX))],
             "pngs": PNG_SUBDIR if options.write_pngs else None},
     }
-    write_json_atomic(os.path.join(options.output_dir, MANIFEST_FILENAME), manifest)
+    manifest_path = FileSystems.join(options.output_dir, MANIFEST_FILENAME)
+    if is_remote(manifest_path):
+        # An object store publishes an object only when its upload completes.
+        with FileSystems.create(manifest_path) as handle:
+            handle.write((json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    else:
+        write_json_atomic(manifest_path, manifest)
     return manifest
 
 
 def read_dead_letter(output_dir: str) -> list[dict]:
     """The refusals of a finished run, ``{"key", "reason", "detail"}`` each, sorted by key."""
     entries = []
-    for path in sorted(glob.glob(os.path.join(output_dir, DEAD_LETTER_PREFIX + "*"
-                                              + DEAD_LETTER_SUFFIX))):
-        with open(path) as handle:
-            entries += [json.loads(line) for line in handle if line.strip()]
+    for path in match_files(FileSystems.join(output_dir,
+                                             DEAD_LETTER_PREFIX + "*" + DEAD_LETTER_SUFFIX)):
+        entries += [json.loads(line) for line in _read_text(path).splitlines() if line.strip()]
     return sorted(entries, key=lambda entry: entry["key"])
 

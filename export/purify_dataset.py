@@ -58,6 +58,8 @@ flags.DEFINE_bool("write_pngs", False, "Also write OUTPUT_DIR/pngs/ mirroring th
 flags.DEFINE_bool("overwrite", False, "Replace a previous run's outputs in --output_dir.")
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory (tfds: inputs).")
 flags.DEFINE_string("tfds_split", "train", "Split of a tfds: input.")
+flags.DEFINE_enum("beam_log_level", "error", ["debug", "info", "warning", "error"],
+                  "Level of Beam's own log lines (the local runner relays every worker's).")
 flags.mark_flags_as_required(["input", "output_dir"])
 
 
@@ -67,7 +69,11 @@ def parse_flags(argv):
 
 
 def _main(argv):
+    import logging
+
     from comdefend_tf import beam_purify
+
+    logging.getLogger("apache_beam").setLevel(FLAGS.beam_log_level.upper())
 
     pipeline_args = argv[1:]
     settings = {"max_pixels": FLAGS.max_pixels, "max_bytes": FLAGS.max_bytes}

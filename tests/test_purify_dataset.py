@@ -1,7 +1,7 @@
 """Purifying a dataset on Apache Beam: every input purified or dead-lettered, byte-identical to
 the purify command at noise 0, counted, refused on rerun, and readable by training.
 
-Runs only where ``apache_beam`` imports (``requirements-beam.txt``). One pipeline run through
+Runs only where ``apache_beam`` imports (pinned in ``requirements.txt``). One pipeline run through
 the binary on the FnApiRunner in multi-process mode (2 workers) over 60 real digits plus three
 bad files is shared by most tests; the others run small in-process pipelines.
 """
@@ -17,8 +17,8 @@ import sys
 import numpy as np
 import pytest
 
-beam = pytest.importorskip("apache_beam", reason="apache_beam is not installed "
-                           "(pip install -r requirements-beam.txt)")
+beam = pytest.importorskip("apache_beam", reason="apache_beam is not installed (it is pinned "
+                           "in requirements.txt; rebuild the venv with make venv)")
 
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
