@@ -59,7 +59,9 @@ flags.DEFINE_bool("overwrite", False, "Replace a previous run's outputs in --out
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory (tfds: inputs).")
 flags.DEFINE_string("tfds_split", "train", "Split of a tfds: input.")
 flags.DEFINE_enum("beam_log_level", "error", ["debug", "info", "warning", "error"],
-                  "Level of Beam's own log lines (the local runner relays every worker's).")
+                  "Level of Beam's log lines in this process (the local runner relays the "
+                  "workers' warnings; the worker processes' own start and stop lines still "
+                  "print at INFO).")
 flags.mark_flags_as_required(["input", "output_dir"])
 
 
