@@ -311,7 +311,7 @@ HOSTILE_SUBSET = {
     "persid_opcode": "opcode PERSID is not allowed",
     "stack_global_exec": "refusing to unpickle the global builtins.exec",
     "numpy_frombuffer_global": "refusing to unpickle the global numpy.frombuffer",
-    "object_state_raw_bytes": r"object array of shape \(2,\) with data",
+    "object_state_raw_bytes": r"object array of shape \(18,\) with data",
     "state_set_twice": "a second state for an array",
     "dtype_state_tampered": "dtype 'f4' with state",
     "nested_object_array": "entry 0 is a nested object array",

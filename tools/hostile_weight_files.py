@@ -131,19 +131,32 @@ def op_object_array(entries: list[bytes], length: int | None = None) -> bytes:
         (len(entries) if length is None else length,), op_dtype("O8", "|"), items)
 
 
+def op_raw_pointer_arguments() -> bytes:
+    """``(18,), dtype('O'), 144 bytes``: numpy.ndarray's arguments for an object array of the
+    header's length whose 18 "pointers" are 0x4141414141414141."""
+    return (op_tuple(op_int(ARRAY_COUNT)) + op_dtype("O8", "|")
+            + op_bytes(b"\x41" * 8 * ARRAY_COUNT))
+
+
 def whole_pickle(body: bytes, protocol: int = 2) -> bytes:
     return pickle.PROTO + bytes([protocol]) + body + pickle.STOP
 
 
 # --------------------------------------------------------------------- .npy and zip builders
+# Written from the formats' specifications (numpy's NEP 1, PKWARE's APPNOTE), independently of
+# the reader under test; the controls show these builders produce files it accepts.
+NPY_MAGIC = b"\x93NUMPY"
+LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # signature ... name length, extra length
+CENTRAL_ENTRY = struct.Struct("<4sHHHHHHIIIHHHHHII")
+END_RECORD = struct.Struct("<4sHHHHIIH")
 def npy_header(header_text: str, version=(1, 0)) -> bytes:
     """Magic, version and a header dict text padded like numpy's (no validation)."""
     length_bytes = 2 if version[0] == 1 else 4
     raw = header_text.encode("latin1")
-    total = len(reference._NPY_MAGIC) + 2 + length_bytes + len(raw) + 1
+    total = len(NPY_MAGIC) + 2 + length_bytes + len(raw) + 1
     raw += b" " * (-total % 64) + b"\n"
     layout = "<H" if length_bytes == 2 else "<I"
-    return reference._NPY_MAGIC + bytes(version) + struct.pack(layout, len(raw)) + raw
+    return NPY_MAGIC + bytes(version) + struct.pack(layout, len(raw)) + raw
 
 
 def object_npy(pickle_bytes: bytes, shape=(ARRAY_COUNT,)) -> bytes:
@@ -198,20 +211,20 @@ def raw_zip(members: list[RawMember], *, entries: int | None = None, disk: int =
         local_name = member.name if member.local_name is None else member.local_name
         compressed = (len(member.data) if member.compressed_size is None
                       else member.compressed_size)
-        out += reference._LOCAL_HEADER.pack(
-            reference._LOCAL_SIGNATURE, 20, member.flags, member.method, 0, 0x21, member.crc32,
+        out += LOCAL_HEADER.pack(
+            b"PK\x03\x04", 20, member.flags, member.method, 0, 0x21, member.crc32,
             compressed, member.size, len(local_name), 0) + local_name + member.data
     start = len(out)
     for member, offset in zip(members, offsets):
         compressed = (len(member.data) if member.compressed_size is None
                       else member.compressed_size)
-        out += reference._CENTRAL_ENTRY.pack(
-            reference._CENTRAL_SIGNATURE, 20, 20, member.flags, member.method, 0, 0x21,
+        out += CENTRAL_ENTRY.pack(
+            b"PK\x01\x02", 20, 20, member.flags, member.method, 0, 0x21,
             member.crc32, compressed, member.size, len(member.name), 0, 0, member.disk, 0, 0,
             offset if member.header_offset is None else member.header_offset) + member.name
     count = len(members) if entries is None else entries
-    out += reference._EOCD.pack(
-        reference._EOCD_SIGNATURE, disk, disk, count, count, len(out) - start,
+    out += END_RECORD.pack(
+        b"PK\x05\x06", disk, disk, count, count, len(out) - start,
         start if directory_offset is None else directory_offset, len(comment)) + comment
     return bytes(out)
 
@@ -323,6 +336,12 @@ def control_numpy_written(context, path):
       expect=ACCEPTED)
 def control_assembled(context, path):
     _write_pickle(path, op_object_array([op_float_array(a) for a in context.valid_arrays]))
+
+
+@case("control", "valid encoder in an archive written field by field by raw_zip (the "
+      "builder of the zip cases)", expect=ACCEPTED)
+def control_raw_zip(context, path):
+    path.write_bytes(raw_zip([_valid_raw_member(context)]))
 
 
 @case("control", "valid encoder as big-endian float64 arrays (numpy-written, protocol 2)",
@@ -536,7 +555,7 @@ def end_record_comment_cut(context, path):
 @case("zip", "an end record forged at the end of the comment, pointing at a fake directory")
 def forged_end_record(context, path):
     whole = raw_zip([_valid_raw_member(context)])
-    fake = reference._EOCD.pack(reference._EOCD_SIGNATURE, 0, 0, 1, 1, 46, 0, 0)
+    fake = END_RECORD.pack(b"PK\x05\x06", 0, 0, 1, 1, 46, 0, 0)
     path.write_bytes(whole[:-2] + struct.pack("<H", len(fake)) + fake)
 
 
@@ -627,8 +646,7 @@ _CALL_CASES = [
      "numpy.lib.format", "read_array", _file_argument, 2, False),
     ("stack_global_allowed_ndarray", "STACK_GLOBAL of an allowed name (numpy.ndarray) called "
      "over raw pointers, protocol 4", "numpy", "ndarray",
-     lambda sentinel: op_tuple(op_int(2)) + op_dtype("O8", "|") + op_bytes(b"\x41" * 16), 4,
-     True),
+     lambda sentinel: op_raw_pointer_arguments(), 4, True),
 ]
 for (_name, _description, _module, _function, _argument, _protocol,
      _stack_global) in _CALL_CASES:
@@ -642,18 +660,17 @@ def getattr_chain(context, path):
                                 op_text("__new__")))
 
 
-@case("pickle", "numpy.ndarray((2,), dtype('O'), buffer=16 raw bytes): object pointers "
-      "from the file (segfaults an unrestricted or name-allow-listed unpickler)")
+@case("pickle", "numpy.ndarray((18,), dtype('O'), buffer=144 raw bytes): object pointers "
+      "from the file (segfaults an unpickler that only allow-lists names)")
 def ndarray_over_raw_pointers(context, path):
-    _write_pickle(path, op_call(op_global("numpy", "ndarray"), op_tuple(op_int(2)),
-                                op_dtype("O8", "|"), op_bytes(b"\x41" * 16)))
+    _write_pickle(path, op_global("numpy", "ndarray") + pickle.MARK
+                  + op_raw_pointer_arguments() + pickle.TUPLE + pickle.REDUCE)
 
 
 @case("pickle", "NEWOBJ of numpy.ndarray with a raw buffer (ndarray.__new__ over pointers)")
 def newobj_ndarray(context, path):
-    _write_pickle(path, op_global("numpy", "ndarray")
-                  + op_tuple(op_tuple(op_int(2)), op_dtype("O8", "|"), op_bytes(b"\x41" * 16))
-                  + pickle.NEWOBJ)
+    _write_pickle(path, op_global("numpy", "ndarray") + pickle.MARK
+                  + op_raw_pointer_arguments() + pickle.TUPLE + pickle.NEWOBJ)
 
 
 @case("pickle", "NEWOBJ_EX (protocol 4) of numpy.ndarray")
@@ -670,8 +687,8 @@ def inst_opcode(context, path):
 
 @case("pickle", "OBJ opcode: numpy.ndarray (an allowed name) over raw pointers")
 def obj_opcode(context, path):
-    _write_pickle(path, pickle.MARK + op_global("numpy", "ndarray") + op_tuple(op_int(2))
-                  + op_dtype("O8", "|") + op_bytes(b"\x41" * 16) + pickle.OBJ)
+    _write_pickle(path, pickle.MARK + op_global("numpy", "ndarray")
+                  + op_raw_pointer_arguments() + pickle.OBJ)
 
 
 @case("pickle", "EXT1 opcode (the copyreg extension registry)")
@@ -724,10 +741,10 @@ def reconstruct_subclass(context, path):
                                 op_tuple(op_int(0)), op_bytes(b"b")))
 
 
-@case("pickle", "an object-dtype array state over 16 raw bytes (pointers) instead of a list")
+@case("pickle", "an object-dtype array state over 144 raw bytes (pointers) instead of a list")
 def object_state_raw_bytes(context, path):
-    _write_pickle(path, op_empty_array() + op_array_state((2,), op_dtype("O8", "|"),
-                                                          op_bytes(b"\x41" * 16)))
+    _write_pickle(path, op_empty_array() + op_array_state(
+        (ARRAY_COUNT,), op_dtype("O8", "|"), op_bytes(b"\x41" * 8 * ARRAY_COUNT)))
 
 
 @case("pickle", "a float32 array state declaring shape (2**31-1, 2**31-1) with 4 bytes of data")
