@@ -39,8 +39,10 @@ This module is TensorFlow by nature (``tf.distribute``, ``tf.data``); the model 
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import time
 
 import keras
@@ -333,12 +335,24 @@ class RunState:
                 raise TrainingError(f"no checkpoint in {self.backup_dir} can be read ("
                                     + "; ".join(errors) + "); move the directory away to start "
                                     "the run afresh")
+        self._remove_partial_writes()
         # The learning rate is an optimizer variable: a resumed run uses the one asked for now.
         self.optimizer.learning_rate.assign(self.settings["learning_rate"])
         if self.is_chief:
             os.makedirs(self.backup_dir, exist_ok=True)
             write_json_atomic(os.path.join(self.backup_dir, RUN_FILENAME), self.settings)
         return self.step
+
+    def _remove_partial_writes(self):
+        """Deletes the temporary shard folders (``ckpt-N_temp``) of checkpoint writes that a
+        kill interrupted; a later save of the same step would otherwise leave them behind."""
+        save_dir = self._manager.directory
+        if not os.path.isdir(save_dir):
+            return
+        for name in os.listdir(save_dir):
+            path = os.path.join(save_dir, name)
+            if name.endswith("_temp") and os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
 
     def _check_settings(self, previous: dict):
         fixed = sorted(key for key in set(previous) | set(self.settings)
@@ -407,8 +421,6 @@ class RunState:
         write_json_atomic(os.path.join(self.backup_dir, HISTORY_FILENAME), history)
 
     def _read_json(self, name):
-        import json
-
         path = os.path.join(self.backup_dir, name)
         if not os.path.exists(path):
             return None

@@ -1,5 +1,6 @@
 """Classifiers: architecture choice, logits shapes, ResNet50 weights from a local file only,
-training to a saved model with held-out accuracy, loading and clear errors."""
+training to a saved model with held-out accuracy, resuming at the checkpointed step, refusing
+NaN, loading and clear errors."""
 
 import json
 import os
@@ -7,8 +8,9 @@ import os
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from comdefend_tf import classifiers
+from comdefend_tf import classifiers, training
 from tests import attack_fixtures
 
 
@@ -83,3 +85,55 @@ def test_loading_and_training_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="default and mirrored"):
         classifiers.train_classifier(attack_fixtures.digits(), str(tmp_path / "m"),
                                      strategy="multi_worker")
+
+
+class _Crash(Exception):
+    pass
+
+
+class _KillAfter(keras.callbacks.Callback):
+    """Raises ``_Crash`` after global step ``step`` (or runs ``action(model)`` there)."""
+
+    def __init__(self, step, action=None):
+        super().__init__()
+        self.step, self.action, self.steps = step, action, []
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        self.steps.append(step)
+        if step == self.step:
+            if self.action is None:
+                raise _Crash(f"simulated kill after step {step}")
+            self.action(self.model)
+
+
+def test_classifier_training_resumes_mid_epoch_and_refuses_nan(tmp_path):
+    settings = dict(epochs=2, batch_size=32, steps_per_epoch=5, checkpoint_every_steps=3,
+                    verbose=0)
+    digits = attack_fixtures.digits()
+    reference, _ = classifiers.train_classifier(digits, str(tmp_path / "reference"), **settings)
+    model_dir = str(tmp_path / "run")
+    with pytest.raises(_Crash):
+        classifiers.train_classifier(digits, model_dir, extra_callbacks=[_KillAfter(8)],
+                                     **settings)
+    resumed = _KillAfter(None)
+    classifier, metrics = classifiers.train_classifier(digits, model_dir,
+                                                       extra_callbacks=[resumed], **settings)
+    assert resumed.steps == [7, 8, 9, 10]  # from the step-6 checkpoint, mid-epoch
+    assert metrics["steps"] == 10 and metrics["history"]["epoch"] == [0, 1]
+    for got, want in zip(classifier.trainable_variables, reference.trainable_variables):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+    # NaN weights: the run fails, keeps its checkpoint and the previous classifier file.
+    before = open(os.path.join(model_dir, classifiers.KERAS_FILENAME), "rb").read()
+
+    def poison(model):
+        kernel = model.trainable_variables[0]
+        kernel.assign(np.full(kernel.shape, np.nan, np.float32))
+
+    with pytest.raises(training.NonFiniteTraining, match="step 12"):
+        classifiers.train_classifier(digits, model_dir, extra_callbacks=[_KillAfter(11, poison)],
+                                     **dict(settings, epochs=3))
+    assert open(os.path.join(model_dir, classifiers.KERAS_FILENAME), "rb").read() == before
+    assert tf.train.latest_checkpoint(os.path.join(model_dir, training.BACKUP_SUBDIR)).endswith(
+        "ckpt-10")

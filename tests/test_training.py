@@ -294,6 +294,7 @@ def test_kill_while_a_checkpoint_is_written_leaves_a_resumable_run(tmp_path, dig
     model, _ = training.train_comdefend(_tiny_config(), digits, model_dir,
                                         extra_callbacks=[resumed], **TINY)
     assert resumed.steps == list(range(7, 13))
+    assert not os.path.exists(os.path.join(backup, "ckpt-8_temp"))  # cleaned up on resume
     for got, want in zip(_weights(model), uninterrupted):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
