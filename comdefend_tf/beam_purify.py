@@ -749,6 +749,36 @@ def read_counters(result) -> dict:
     return values
 
 
+def unknown_pipeline_flags(pipeline_args: Sequence[str]) -> list[str]:
+    """The arguments that are no Beam pipeline option (a typo of ours would otherwise be
+    passed to Beam, which only logs that it discards it)."""
+    from apache_beam.options import pipeline_options
+
+    def subclasses(cls):
+        for subclass in cls.__subclasses__():
+            yield subclass
+            yield from subclasses(subclass)
+
+    # The parser Beam itself builds from every registered options class.
+    parser = pipeline_options._BeamArgumentParser(allow_abbrev=False, conflict_handler="resolve")
+    for options_class in set(subclasses(pipeline_options.PipelineOptions)):
+        options_class._add_argparse_args(parser)
+    actions = parser._option_string_actions
+    unknown, expects_value = [], False
+    for argument in pipeline_args:
+        if expects_value and not argument.startswith("--"):
+            expects_value = False  # the value of "--option value"
+            continue
+        name = argument.split("=", 1)[0]
+        action = actions.get(name)
+        if action is None and name.startswith("--no") and "--" + name[4:] in actions:
+            action = actions["--" + name[4:]]
+        if action is None:
+            unknown.append(argument)
+        expects_value = action is not None and "=" not in argument and action.nargs != 0
+    return unknown
+
+
 def run_purify_pipeline(options: PurifyOptions, pipeline_args: Sequence[str] = ()) -> dict:
     """Checks the request, runs the pipeline to completion and writes the manifest.
 
@@ -764,12 +794,17 @@ def run_purify_pipeline(options: PurifyOptions, pipeline_args: Sequence[str] = (
       is committed): counts, bytes, seconds, the request and the output files.
 
     Raises:
-      PurifyPipelineError: bad inputs, model or output folder (nothing has been written).
+      PurifyPipelineError: an argument that is no Beam option, bad inputs, model or output
+        folder (nothing has been written).
     """
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
     from comdefend_tf.files import write_json_atomic
 
+    unknown = unknown_pipeline_flags(pipeline_args)
+    if unknown:
+        raise PurifyPipelineError(f"unknown flag(s) {' '.join(unknown)}: neither this program's "
+                                  f"nor a Beam pipeline option")
     plan = plan_inputs(options.input, options.data_dir, options.tfds_split)
     if options.write_pngs and plan.kind != "files":
         raise PurifyPipelineError("--write_pngs mirrors an input folder tree; it needs a folder "

@@ -264,7 +264,14 @@ def test_bad_requests_fail_before_anything_is_written(tmp_path, model_dir, digit
     with pytest.raises(beam_purify.PurifyPipelineError, match="not a model directory"):
         beam_purify.run_purify_pipeline(beam_purify.PurifyOptions(
             input=digit_folder, output_dir=output_dir, model_dir=str(tmp_path)), IN_PROCESS)
+    with pytest.raises(beam_purify.PurifyPipelineError, match="--batch_szie=3"):
+        beam_purify.run_purify_pipeline(beam_purify.PurifyOptions(
+            input=digit_folder, output_dir=output_dir, model_dir=model_dir),
+            IN_PROCESS + ["--batch_szie=3", "--flink_master=host:8081"])
     assert not os.path.exists(output_dir)
+    assert beam_purify.unknown_pipeline_flags(
+        ["--direct_num_workers=2", "--project", "p", "--no_use_public_ips", "stray",
+         "--save_main_session", "--bogus"]) == ["stray", "--bogus"]
 
 
 def test_glob_input_takes_labels_from_the_first_folder(digit_folder):
