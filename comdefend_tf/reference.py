@@ -30,7 +30,10 @@ A weight file is whatever a user hands us, so ``read_weight_arrays`` uses neithe
   (which builds an object array over raw, attacker-chosen pointers and crashes the process),
   a second state for the same array, memo references to nothing, protocol 0/1/5 pickles,
   out-of-band buffers, persistent ids, extension codes and the INST/OBJ/NEWOBJ family are
-  refused.
+  refused. The interpreter's work is bounded too: at most ``MAX_PICKLE_OPERATIONS``
+  operations, ``MAX_PICKLE_STACK`` stack items and open marks, ``MAX_PICKLE_MEMO`` memo
+  entries, and new bytes (encoded text, array data) up to twice the pickle's own size, so
+  reusing one large memo entry cannot multiply memory.
 * Entries must be finite; they are returned as float32.
 
 Everything else raises ``ReferenceWeightsError`` (a ``ValueError``) naming the file and the

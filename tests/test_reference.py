@@ -6,7 +6,10 @@ beside the repository); they skip when that folder is absent. Tolerances are the
 README's: logits atol 1e-2 (RGB) / 1e-3 (1 channel), bits equal wherever the stored logit is at
 least that far from 0, purified-from-stored-bits atol 1e-5, soft path atol 1e-4.
 
-The reader and error tests build their own files and always run.
+The reader and error tests build their own files and always run, among them a subset of
+tools/hostile_weight_files.py's corpus read in this process (each refusal's message checked),
+the deflate-bomb allocation bounds (tracemalloc), and the whole corpus with each file imported
+in a child process (every hostile file refused, none crashing, the controls accepted).
 """
 
 from __future__ import annotations
