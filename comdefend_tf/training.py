@@ -250,7 +250,7 @@ def training_stream(dataset: tf.data.Dataset, batch_size: int, seed: int, start_
         last_pass = max(first_pass, math.ceil(total_steps / batches_per_pass) - 1)
         stream = None
         for pass_index in range(first_pass, last_pass + 1):
-            # Seeds of different passes and different runs never coincide for seeds < 2**20.
+            # Distinct seeds for every (seed, pass) pair: chained runs have at most 32 passes.
             one_pass = dataset.shuffle(_SHUFFLE_BUFFER, seed=seed * 1_000_003 + pass_index,
                                        reshuffle_each_iteration=False)
             one_pass = one_pass.batch(batch_size, drop_remainder=True)

@@ -34,8 +34,9 @@ flags.DEFINE_enum("strategy", "default", ("default", "mirrored"),
                   "tf.distribute strategy (Keras 3 fit does not run under multi_worker).")
 flags.DEFINE_integer("seed", 0, "Seed for initialisation and the data order.")
 flags.DEFINE_integer("checkpoint_every_steps", training.DEFAULT_CHECKPOINT_EVERY_STEPS,
-                     "Optimizer steps between checkpoints in MODEL_DIR/backup (a kill loses at "
-                     "most this many steps).", lower_bound=1)
+                     "Optimizer steps between checkpoints in MODEL_DIR/backup, which are also "
+                     "written at every epoch end; a kill loses at most this many steps.",
+                     lower_bound=1)
 flags.mark_flag_as_required("model_dir")
 
 FLAGS = flags.FLAGS

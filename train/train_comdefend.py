@@ -54,8 +54,9 @@ flags.DEFINE_enum("strategy", "default", training.STRATEGIES,
                   "tf.distribute strategy; multi_worker reads TF_CONFIG.")
 flags.DEFINE_integer("seed", 0, "Seed for initialisation, the data order and code noise.")
 flags.DEFINE_integer("checkpoint_every_steps", training.DEFAULT_CHECKPOINT_EVERY_STEPS,
-                     "Optimizer steps between checkpoints in MODEL_DIR/backup (a kill loses at "
-                     "most this many steps; the last step is always checkpointed).",
+                     "Optimizer steps between checkpoints in MODEL_DIR/backup, which are also "
+                     "written at every epoch end and after the last step; a kill loses at most "
+                     "this many steps.",
                      lower_bound=1)
 flags.DEFINE_float("collapse_margin_db", training.DEFAULT_COLLAPSE_MARGIN_DB,
                    "Held-out PSNR (dB) the purifier must gain over predicting the mean image; "
