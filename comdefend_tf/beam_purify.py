@@ -9,9 +9,10 @@ unchanged on Dataflow, Flink or Spark (docs/beam.md):
    subfolders become labels, as in ``comdefend_tf.data``'s ``folder:`` source), from TFRecords
    of ``tf.train.Example`` (``image/encoded``, ``image/class/label``) or from a prepared
    tensorflow-datasets dataset (its TFRecord files; features ``image`` and ``label``).
-2. **Check, then decode** (``DecodeImages``): file size and the header's pixel count are checked
-   *before* any pixel is decoded; the image is then read with ``comdefend_tf.image_io`` exactly
-   as the purify command reads it. Refusals go to a dead-letter output with a reason:
+2. **Check, then decode** (``DecodeImages``) with ``comdefend_tf.image_io``, the purify
+   command's reader, its rules and its limits: byte size, format, declared pixels and colour
+   kind are checked *before* any pixel is decoded. Refusals go to a dead-letter output with a
+   reason:
    ``unreadable``, ``too_large`` or ``wrong_channels`` (an image whose own channel count is not
    the model's: a grey picture in an RGB dataset is refused, not silently converted).
 3. **Batch by shape**: images are keyed by ``HxWxC`` and grouped with ``GroupIntoBatches``
@@ -80,10 +81,6 @@ FEATURE_CHANNELS = "image/channels"
 FEATURE_CODE_BITS = "image/code_bits"          # np.packbits of uint8 [H, W, code_channels]
 FEATURE_CODE_CHANNELS = "image/code_channels"
 
-# Defaults of the limits checked before decoding: the serving export's default pixel limit,
-# and a file size no sane PNG/JPEG of that many pixels needs.
-DEFAULT_MAX_PIXELS = 4096 * 4096
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
 
 class PurifyPipelineError(ValueError):
@@ -234,16 +231,18 @@ def _plan_tfds(input_spec, name, data_dir, split) -> InputPlan:
 
 
 class SourceImage(NamedTuple):
-    """One input: ``key`` (unique, stable), encoded bytes, label (-1: none), local path or ''."""
+    """One input: ``key`` (unique, stable), label (-1: none), and either ``path`` (a file,
+    read by ``DecodeImages`` within the byte limit) or ``encoded`` (bytes from a record)."""
 
     key: str
-    encoded: bytes
+    encoded: bytes | None
     label: int
     path: str
 
 
 class ReadSourceImages(beam.PTransform):
-    """``InputPlan`` -> PCollection of ``SourceImage``."""
+    """``InputPlan`` -> PCollection of ``SourceImage`` (files are only named here; their bytes
+    are read by ``DecodeImages``, after the size check)."""
 
     def __init__(self, plan: InputPlan):
         super().__init__()
@@ -254,7 +253,8 @@ class ReadSourceImages(beam.PTransform):
         if plan.kind == "files":
             return (pipeline
                     | "ListFiles" >> beam.Create(list(plan.files))
-                    | "ReadFiles" >> beam.Map(_read_file))
+                    | "NameFiles" >> beam.MapTuple(
+                        lambda key, path, label: SourceImage(key, None, int(label), path)))
         return (pipeline
                 | "ListRecordFiles" >> beam.Create(list(plan.files))
                 | "ReadRecords" >> beam.io.ReadAllFromTFRecord(with_filename=True)
@@ -262,14 +262,37 @@ class ReadSourceImages(beam.PTransform):
                                              plan.label_feature))
 
 
-def _read_file(triple) -> SourceImage:
-    key, path, label = triple
+def read_source_bytes(source: SourceImage, max_bytes: int) -> bytes:
+    """The encoded bytes of an input, refusing more than ``max_bytes`` before reading them.
+
+    Local files go through ``image_io.read_bounded`` (size from ``fstat``, regular files only),
+    files on other file systems through Beam's ``FileSystems`` (size from their metadata).
+
+    Raises:
+      image_io.ImageTooLargeError: over the limit.
+      image_io.ImageReadError, FileNotFoundError: missing or unreadable.
+    """
+    if source.encoded is not None:
+        if len(source.encoded) > max_bytes:
+            raise image_io.ImageTooLargeError(f"{len(source.encoded):,} bytes, more than the "
+                                              f"limit of {max_bytes:,} bytes")
+        return source.encoded
+    if not is_remote(source.path):
+        return image_io.read_bounded(source.path, max_bytes)
     try:
-        with FileSystems.open(path) as handle:
-            encoded = handle.read()
-    except (OSError, IOError):
-        encoded = b""  # DecodeImages refuses it as unreadable, naming the key
-    return SourceImage(key, encoded, int(label), path)
+        size = FileSystems.match([source.path])[0].metadata_list[0].size_in_bytes
+        if size > max_bytes:
+            raise image_io.ImageTooLargeError(f"{size:,} bytes, more than the limit of "
+                                              f"{max_bytes:,} bytes")
+        with FileSystems.open(source.path) as handle:
+            data = handle.read(max_bytes + 1)
+    except image_io.ImageReadError:
+        raise
+    except Exception as error:  # BeamIOError, IOError: missing or unreadable
+        raise image_io.ImageReadError(f"cannot read {source.path!r}: {error}") from error
+    if len(data) > max_bytes:
+        raise image_io.ImageTooLargeError(f"{source.path!r} grew past {max_bytes:,} bytes")
+    return data
 
 
 def _parse_record(filename_and_record, image_feature: str, label_feature: str) -> SourceImage:
@@ -282,7 +305,7 @@ def _parse_record(filename_and_record, image_feature: str, label_feature: str) -
     try:
         example = tf.train.Example.FromString(record)
     except Exception:  # protobuf's DecodeError: not an Example at all
-        return SourceImage(f"{os.path.basename(filename)}@{digest}", b"", -1, "")
+        return SourceImage(f"{os.path.basename(filename)}@{digest}", b"", -1, "")  # refused
     features = example.features.feature
     encoded = (features[image_feature].bytes_list.value[0]
                if image_feature in features and features[image_feature].bytes_list.value
@@ -318,40 +341,14 @@ class Refusal(NamedTuple):
                           sort_keys=True)
 
 
-def header_size(encoded: bytes) -> tuple[int, int]:
-    """``(width, height)`` from an encoded image's header, without decoding pixels.
-
-    Raises:
-      ValueError: not an image Pillow recognises (or a decompression bomb Pillow refuses).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(encoded)) as image:  # lazy: reads the header only
-            return image.size
-    except Image.DecompressionBombError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ValueError(str(error)) from error
-
-
-def _decode(source: SourceImage) -> np.ndarray:
-    """The image as the purify command reads it (``image_io.read_image``, channels kept)."""
-    if source.path and os.path.isfile(source.path):
-        return image_io.read_image(source.path)
-    # Record inputs have no file: image_io reads paths, so hand it a private temporary copy.
-    with tempfile.NamedTemporaryFile(suffix=".img") as handle:
-        handle.write(source.encoded)
-        handle.flush()
-        return image_io.read_image(handle.name)
-
-
 class DecodeImages(beam.DoFn):
     """``SourceImage`` -> ``DecodedImage`` (main output) or ``Refusal`` (tag ``refused``).
 
-    Checks in order, each before any pixel is decoded: encoded size <= ``max_bytes``; a
-    recognisable header; header pixels <= ``max_pixels``. Then decodes (corrupt data ->
-    ``unreadable``) and checks the channel count against ``channels``.
+    Everything goes through ``comdefend_tf.image_io``, the purify command's reader, with its
+    rules and limits. In order, each before any pixel is decoded: the encoded size (<=
+    ``max_bytes``, checked before a file is read); the header (PNG or JPEG, not corrupt); the
+    declared pixels (<= ``max_pixels``); the declared colour kind against ``channels`` (grey is
+    1 channel, colour 3). Then the pixels are decoded (corrupt data -> ``unreadable``).
     """
 
     REFUSED = "refused"
@@ -366,47 +363,54 @@ class DecodeImages(beam.DoFn):
         self._refused = {reason: Metrics.counter(METRICS_NAMESPACE, f"refused_{reason}")
                          for reason in REFUSAL_REASONS}
 
-    def _refuse(self, key, reason, detail):
+    def _refuse(self, key, reason, error):
         self._refused[reason].inc()
+        # image_io's messages start with the quoted name, which the entry's key already gives.
+        detail = str(error).removeprefix(repr(key)).lstrip(": ") or str(error)
         return beam.pvalue.TaggedOutput(self.REFUSED, Refusal(key, reason, detail))
 
     def process(self, source: SourceImage):
-        from PIL import Image
-
         self._inputs.inc()
-        self._input_bytes.inc(len(source.encoded))
-        if not source.encoded:
+        try:
+            data = read_source_bytes(source, self._max_bytes)
+        except image_io.ImageTooLargeError as error:
+            yield self._refuse(source.key, "too_large", error)
+            return
+        except (image_io.ImageReadError, OSError) as error:
+            yield self._refuse(source.key, "unreadable", error)
+            return
+        self._input_bytes.inc(len(data))
+        if not data:
             yield self._refuse(source.key, "unreadable", "empty or missing image data")
             return
-        if len(source.encoded) > self._max_bytes:
-            yield self._refuse(source.key, "too_large", f"{len(source.encoded)} bytes > "
-                               f"{self._max_bytes} (max_bytes)")
+        try:
+            header = image_io.read_header(data, source.key)
+        except image_io.ImageReadError as error:
+            yield self._refuse(source.key, "unreadable", error)
+            return
+        pixels = header.height * header.width
+        if pixels > self._max_pixels:
+            yield self._refuse(source.key, "too_large",
+                               f"declares {header.width}x{header.height} = {pixels:,} pixels, "
+                               f"more than the limit of {self._max_pixels:,}")
+            return
+        native_channels = 1 if header.grey else 3
+        if native_channels != self._channels:
+            yield self._refuse(source.key, "wrong_channels",
+                               f"{'grey' if header.grey else 'colour'} {header.format} "
+                               f"({native_channels} channel(s)); the model takes "
+                               f"{self._channels}")
             return
         try:
-            width, height = header_size(source.encoded)
-        except Image.DecompressionBombError as error:
-            yield self._refuse(source.key, "too_large", str(error))
+            image = image_io.decode_image(data, channels=None, max_pixels=self._max_pixels,
+                                          name=source.key)
+        except image_io.ImageTooLargeError as error:
+            yield self._refuse(source.key, "too_large", error)
             return
-        except ValueError as error:
-            yield self._refuse(source.key, "unreadable", str(error))
+        except image_io.ImageReadError as error:
+            yield self._refuse(source.key, "unreadable", error)
             return
-        if width * height > self._max_pixels:
-            yield self._refuse(source.key, "too_large", f"{height}x{width} = {height * width} "
-                               f"pixels > {self._max_pixels} (max_pixels)")
-            return
-        try:
-            image = _decode(source)
-        except Image.DecompressionBombError as error:
-            yield self._refuse(source.key, "too_large", str(error))
-            return
-        except (image_io.ImageReadError, OSError, ValueError) as error:
-            yield self._refuse(source.key, "unreadable", str(error))
-            return
-        if image.shape[-1] != self._channels:
-            yield self._refuse(source.key, "wrong_channels", f"{image.shape[-1]} channel(s); the "
-                               f"model takes {self._channels}")
-            return
-        yield DecodedImage(source.key, source.label, image, len(source.encoded))
+        yield DecodedImage(source.key, source.label, image, len(data))
 
 
 def shape_key(image: DecodedImage) -> str:
@@ -423,18 +427,23 @@ class PurifierModelHandler(ModelHandler):
     Exactly one of ``saved_model_dir`` (an export version folder; its ``purify`` signature) and
     ``keras_path`` (a ``.keras`` file or a model directory holding ``comdefend.keras``) is given.
     ``inference_noise_std``/``seed`` apply to the ``.keras`` model (None: its own settings); an
-    export carries its noise settings from export time. Use with ``with_no_batching()``: the
-    pipeline forms the batches itself, by shape.
+    export carries its noise settings from export time. With the ``.keras`` model, images
+    above ``tile_above_pixels`` are purified in exact tiles as the purify command does
+    (``purify_files.automatic_tiling``; None: the model's default budget, 0: never); an export
+    tiles inside its graph. Use with ``with_no_batching()``: the pipeline forms the batches
+    itself, by shape.
     """
 
     def __init__(self, saved_model_dir: str | None = None, keras_path: str | None = None,
-                 inference_noise_std: float | None = None, seed: int | None = None):
+                 inference_noise_std: float | None = None, seed: int | None = None,
+                 tile_above_pixels: int | None = None):
         if (saved_model_dir is None) == (keras_path is None):
             raise PurifyPipelineError("give exactly one of saved_model_dir and keras_path")
         self._saved_model_dir = saved_model_dir
         self._keras_path = keras_path
         self._inference_noise_std = inference_noise_std
         self._seed = seed
+        self._tile_above_pixels = tile_above_pixels
 
     def load_model(self):
         """A callable float32 ``[n, H, W, C]`` -> ``(purified float32, code_bits uint8)``."""
@@ -476,11 +485,26 @@ class PurifierModelHandler(ModelHandler):
         model = load_comdefend(keras_path, inference_noise_std=self._inference_noise_std,
                                seed=self._seed)
 
-        def purify(images):
+        from comdefend_tf.patches import purify_patchwise
+        from comdefend_tf.purify_files import automatic_tiling
+
+        channels = model.config.input_channels
+        tile_above_pixels = self._tile_above_pixels
+
+        def purified_and_bits(images):
             outputs = model.forward(images, training=False)
-            purified = np.asarray(ops.convert_to_numpy(ops.cast(outputs["purified"], "float32")))
-            bits = np.asarray(ops.convert_to_numpy(outputs["noisy_logits"] > 0)).astype(np.uint8)
-            return purified, bits
+            return ops.concatenate([ops.cast(outputs["purified"], "float32"),
+                                    ops.cast(outputs["noisy_logits"] > 0, "float32")], axis=-1)
+
+        def purify(images):
+            tiling = automatic_tiling(model, images.shape[1], images.shape[2], tile_above_pixels)
+            if tiling is None:
+                both = purified_and_bits(images)
+            else:  # exact tiles, the geometry the purify command uses for this size
+                both = purify_patchwise(purified_and_bits, images, patch_size=tiling.patch_size,
+                                        overlap=tiling.overlap, batch_size=tiling.batch_size)
+            both = np.asarray(ops.convert_to_numpy(both))
+            return both[..., :channels], both[..., channels:].astype(np.uint8)
 
         return purify
 
@@ -612,8 +636,9 @@ class PurifyOptions:
     saved_model_dir: str | None = None
     batch_size: int = 32
     num_shards: int = 0
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = image_io.DEFAULT_MAX_PIXELS
+    max_bytes: int = image_io.DEFAULT_MAX_BYTES
+    tile_above_pixels: int | None = None
     inference_noise_std: float | None = None
     seed: int | None = None
     include_code_bits: bool = False
@@ -628,12 +653,17 @@ class PurifyOptions:
         for name in ("batch_size", "max_pixels", "max_bytes"):
             if getattr(self, name) < 1:
                 raise PurifyPipelineError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tile_above_pixels is not None and self.tile_above_pixels < 0:
+            raise PurifyPipelineError(f"tile_above_pixels must be >= 0, got "
+                                      f"{self.tile_above_pixels}")
         if self.num_shards < 0:
             raise PurifyPipelineError(f"num_shards must be >= 0, got {self.num_shards}")
         if self.saved_model_dir is not None and (self.inference_noise_std is not None
-                                                 or self.seed is not None):
-            raise PurifyPipelineError("an exported SavedModel carries its own noise settings; "
-                                      "inference_noise_std and seed apply to --model_dir only")
+                                                 or self.seed is not None
+                                                 or self.tile_above_pixels is not None):
+            raise PurifyPipelineError("an exported SavedModel carries its own noise and tiling "
+                                      "settings; inference_noise_std, seed and "
+                                      "tile_above_pixels apply to --model_dir only")
 
 
 def model_channels(options: PurifyOptions) -> int:
@@ -711,7 +741,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: PurifyOptions, plan: InputP
     else:
         handler = PurifierModelHandler(keras_path=options.model_dir,
                                        inference_noise_std=options.inference_noise_std,
-                                       seed=options.seed)
+                                       seed=options.seed,
+                                       tile_above_pixels=options.tile_above_pixels)
     purified = (decoded["images"]
                 | "KeyByShape" >> beam.Map(lambda image: (shape_key(image), image))
                 | "BatchByShape" >> beam.GroupIntoBatches(options.batch_size)

@@ -40,12 +40,16 @@ flags.DEFINE_integer("batch_size", 32, "Images of one size per network call (mem
                      "with it and the image size).", lower_bound=1)
 flags.DEFINE_integer("num_shards", 0, "Output TFRecord shards (0: the runner decides).",
                      lower_bound=0)
-flags.DEFINE_integer("max_pixels", None, "Refuse (too_large) images of more pixels than this, "
-                     "checked from the header before decoding. Default: "
-                     "comdefend_tf.beam_purify.DEFAULT_MAX_PIXELS.", lower_bound=1)
+flags.DEFINE_integer("max_pixels", None, "Refuse (too_large) images declaring more pixels "
+                     "than this, checked from the header before decoding. Default: the purify "
+                     "command's (comdefend_tf.image_io.DEFAULT_MAX_PIXELS).", lower_bound=1)
 flags.DEFINE_integer("max_bytes", None, "Refuse (too_large) encoded images larger than this "
-                     "many bytes. Default: comdefend_tf.beam_purify.DEFAULT_MAX_BYTES.",
-                     lower_bound=1)
+                     "many bytes, before reading them. Default: the purify command's "
+                     "(comdefend_tf.image_io.DEFAULT_MAX_BYTES).", lower_bound=1)
+flags.DEFINE_integer("tile_above_pixels", None, "--model_dir only: purify images of more "
+                     "pixels than this in exact tiles, as the purify command does (same "
+                     "result, bounded memory). Default: the model's budget; 0: never.",
+                     lower_bound=0)
 flags.DEFINE_float("inference_noise_std", None, "Code noise standard deviation (0: "
                    "deterministic, byte-identical to the purify command). Default: the model's "
                    "own. --model_dir only: an export carries its own.", lower_bound=0.0)
@@ -78,7 +82,8 @@ def _main(argv):
     logging.getLogger("apache_beam").setLevel(FLAGS.beam_log_level.upper())
 
     pipeline_args = argv[1:]
-    settings = {"max_pixels": FLAGS.max_pixels, "max_bytes": FLAGS.max_bytes}
+    settings = {"max_pixels": FLAGS.max_pixels, "max_bytes": FLAGS.max_bytes,
+                "tile_above_pixels": FLAGS.tile_above_pixels}
     try:
         options = beam_purify.PurifyOptions(
             input=FLAGS.input, output_dir=FLAGS.output_dir, model_dir=FLAGS.model_dir,

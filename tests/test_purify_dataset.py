@@ -216,17 +216,23 @@ def test_tfrecord_input_of_different_sizes(tmp_path, model_dir, model):
     _write_records(tmp_path / "a.tfrecord", items[:3])
     _write_records(tmp_path / "b.tfrecord", items[3:])
     output_dir = str(tmp_path / "out")
+    # 28x28 = 784 pixels are over the tiling budget (exact tiles, as the purify command cuts
+    # them); 17x23 and 9x40 are purified whole.
     options = beam_purify.PurifyOptions(input=f"tfrecord:{tmp_path}/*.tfrecord",
                                         output_dir=output_dir, model_dir=model_dir,
-                                        batch_size=2)
+                                        batch_size=2, tile_above_pixels=500,
+                                        include_code_bits=True)
     manifest = beam_purify.run_purify_pipeline(options, IN_PROCESS)
     assert (manifest["inputs"], manifest["purified"], manifest["refused"]) == (5, 5, 0)
     examples = _examples(output_dir)
     assert sorted(examples) == [key for key, _, _ in items]
     for key, pixels, label in items:
-        expected = image_io.to_uint8(purify_array(model, pixels.astype(np.float32) / 255))
+        image = pixels.astype(np.float32) / 255
+        expected = image_io.to_uint8(purify_array(model, image, tile_above_pixels=500))
         stored = examples[key]
         assert _feature(stored, beam_purify.FEATURE_ENCODED) == beam_purify.encode_png(expected)
+        np.testing.assert_array_equal(beam_purify.unpack_code_bits(stored),
+                                      model.code_bits(image[None]).numpy()[0])
         assert _feature(stored, beam_purify.FEATURE_LABEL) == label
         assert (_feature(stored, beam_purify.FEATURE_HEIGHT),
                 _feature(stored, beam_purify.FEATURE_WIDTH)) == pixels.shape[:2]
