@@ -27,7 +27,7 @@ from comdefend_tf import ComDefend, beam_purify, data, get_config, image_io  # n
 from comdefend_tf import load_comdefend, save_comdefend  # noqa: E402
 from comdefend_tf.purify_files import plan_outputs, purify_array, purify_files  # noqa: E402
 
-from .conftest import REPO_ROOT, subprocess_env  # noqa: E402
+from tests.conftest import REPO_ROOT, subprocess_env  # noqa: E402
 
 IN_PROCESS = ["--runner=FnApiRunner", "--direct_num_workers=1"]
 MAX_PIXELS = 40_000  # the oversized test image has 300x300 = 90,000
