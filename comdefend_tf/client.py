@@ -20,6 +20,7 @@ SavedModel without a server.
 from __future__ import annotations
 
 import base64
+import os
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -254,13 +255,88 @@ def send_grpc(server: str, request, timeout_s: float = 60.0) -> dict:
     return parse_grpc_response(response)
 
 
+class ResponseMismatchError(RuntimeError):
+    """The server answered with another number of results than images were sent."""
+
+
+def check_output_counts(outputs: Mapping, sent: int) -> None:
+    """Every output of our signatures has one entry per image sent (``purified``,
+    ``code_bits``, ``purified_png_bytes``, ``probabilities``, ``class_ids``).
+
+    Raises:
+      ResponseMismatchError: naming the output and both counts, when any output has fewer or
+        more entries than ``sent`` (or is a scalar), or when there is no output at all.
+    """
+    if not outputs:
+        raise ResponseMismatchError(f"the server returned no outputs for {sent} image(s)")
+    for name, value in outputs.items():
+        shape = np.shape(value)
+        count = shape[0] if shape else None
+        if count != sent:
+            got = "a scalar" if count is None else f"{count} result(s)"
+            raise ResponseMismatchError(
+                f"the server returned {got} in output {name!r} for {sent} image(s) sent; "
+                "refusing to pair results with inputs")
+
+
+def sent_count(signature_name: str, values) -> int:
+    """How many images a request built from ``values`` carries."""
+    if input_name_for(signature_name) == INPUT_IMAGE_BYTES:
+        return len(_as_bytes_list(values))
+    return int(_as_images(values).shape[0])
+
+
 def predict(server: str, model_name: str, values, signature_name: str = SIGNATURE_DEFAULT,
             protocol: str = "rest", version: int | None = None, timeout_s: float = 60.0) -> dict:
-    """Builds and sends one request; returns ``{output name: numpy array}``."""
+    """Builds and sends one request; returns ``{output name: numpy array}``, each with one
+    entry per image sent.
+
+    Raises:
+      ResponseMismatchError: the server returned fewer or more results than images sent.
+    """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if protocol == "rest":
-        return send_rest(rest_predict_url(server, model_name, version),
-                         build_rest_request(signature_name, values), timeout_s)
-    return send_grpc(server, build_grpc_request(model_name, signature_name, values, version),
-                     timeout_s)
+        outputs = send_rest(rest_predict_url(server, model_name, version),
+                            build_rest_request(signature_name, values), timeout_s)
+    else:
+        outputs = send_grpc(server, build_grpc_request(model_name, signature_name, values,
+                                                       version), timeout_s)
+    check_output_counts(outputs, sent_count(signature_name, values))
+    return outputs
+
+
+# ------------------------------------------------------------------------ output files
+def output_paths_for(input_paths: Sequence[str], output_dir: str,
+                     overwrite: bool = False) -> list[str]:
+    """``OUTPUT_DIR/NAME.png`` for every input ``NAME.ext``, refusing any that could destroy
+    an input.
+
+    Raises:
+      ValueError: ``output_dir`` resolves (symbolic links and ``..`` followed) to the folder
+        of an input, an output path resolves to an input file, or two inputs share a name.
+        ``overwrite`` does not lift these.
+      FileExistsError: an output exists and ``overwrite`` is False.
+    """
+    resolved_inputs = {os.path.realpath(path): path for path in input_paths}
+    input_folders = {os.path.dirname(resolved): path for resolved, path in resolved_inputs.items()}
+    resolved_dir = os.path.realpath(output_dir)
+    if resolved_dir in input_folders:
+        raise ValueError(f"--output_dir {output_dir!r} is the folder of input "
+                         f"{input_folders[resolved_dir]!r}; purified images could overwrite "
+                         "the inputs, so write them to another folder (--overwrite does not "
+                         "change this)")
+    names = [os.path.splitext(os.path.basename(path))[0] + ".png" for path in input_paths]
+    outputs = [os.path.join(output_dir, name) for name in names]
+    if len(set(outputs)) != len(outputs):
+        raise ValueError("two inputs share a file name; their outputs would collide")
+    for output in outputs:
+        if os.path.realpath(output) in resolved_inputs:
+            raise ValueError(f"output {output!r} resolves to input "
+                             f"{resolved_inputs[os.path.realpath(output)]!r}; refusing to "
+                             "overwrite an input (--overwrite does not change this)")
+    if not overwrite:
+        existing = [path for path in outputs if os.path.lexists(path)]
+        if existing:
+            raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace it")
+    return outputs

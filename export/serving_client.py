@@ -6,8 +6,10 @@ r"""Sends images to a TF Serving endpoint that serves a ComDefend export (REST o
 Signatures (see docs/serving.md): ``purify_bytes`` sends the files' own PNG/JPEG bytes (any
 sizes); ``purify``, ``classify`` and ``serving_default`` send float32 pixels in [0, 1], so all
 images of one call must have the same size. Purified images are written to ``--output_dir`` as
-``NAME.png`` (never over an existing file unless ``--overwrite``); class ids and the top
-probability are printed for ``classify``.
+``NAME.png`` (never over an existing file unless ``--overwrite``, and never into an input's own
+folder or over an input, even with ``--overwrite``); class ids and the top probability are
+printed for ``classify``. A response with fewer or more results than images sent is an error
+(exit 1, nothing written): results are never paired with the wrong inputs.
 """
 
 from __future__ import annotations
@@ -56,18 +58,6 @@ def _request_values(signature: str, paths):
     return np.stack(images)
 
 
-def _output_paths(paths):
-    names = [os.path.splitext(os.path.basename(path))[0] + ".png" for path in paths]
-    outputs = [os.path.join(FLAGS.output_dir, name) for name in names]
-    if len(set(outputs)) != len(outputs):
-        raise ValueError("two inputs share a file name; their outputs would collide")
-    if not FLAGS.overwrite:
-        existing = [path for path in outputs if os.path.exists(path)]
-        if existing:
-            raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace it")
-    return outputs
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -76,7 +66,8 @@ def main(argv):
     server = FLAGS.server or (f"localhost:{client.DEFAULT_REST_PORT}" if FLAGS.protocol == "rest"
                               else f"localhost:{client.DEFAULT_GRPC_PORT}")
     try:
-        output_paths = _output_paths(FLAGS.images) if FLAGS.output_dir else None
+        output_paths = (client.output_paths_for(FLAGS.images, FLAGS.output_dir, FLAGS.overwrite)
+                        if FLAGS.output_dir else None)
         values = _request_values(FLAGS.signature, FLAGS.images)
         outputs = client.predict(server, FLAGS.model_name, values, FLAGS.signature,
                                  FLAGS.protocol, FLAGS.model_version, FLAGS.timeout_s)

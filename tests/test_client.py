@@ -9,6 +9,7 @@ loaded SavedModel (the real model server cannot be installed here).
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -158,7 +159,14 @@ def rest_server(served):
             try:
                 tensors = client.rest_request_to_tensors(
                     body, _input_dtypes(loaded.signatures[name]))
-                reply, status = {"outputs": _json_outputs(_call(loaded, name, tensors))}, 200
+                outputs = _call(loaded, name, tensors)
+                # A misbehaving server, chosen by model name: one result too few or too many.
+                if "/models/drop_one" in self.path:
+                    outputs = {key: value[:-1] for key, value in outputs.items()}
+                elif "/models/add_one" in self.path:
+                    outputs = {key: np.concatenate([value, value[:1]])
+                               for key, value in outputs.items()}
+                reply, status = {"outputs": _json_outputs(outputs)}, 200
             except tf.errors.InvalidArgumentError as error:
                 reply, status = {"error": error.message}, 400
             payload = json.dumps(reply).encode()
@@ -251,3 +259,84 @@ def test_cli_sends_files_and_writes_purified_pngs(rest_server, tmp_path):
     assert "wrote 2 purified image(s)" in result.stdout
     for name in ("image0.png", "image1.png"):
         assert tf.io.decode_png((output_dir / name).read_bytes()).shape == IMAGE_SHAPE
+
+
+# ---------------------------------------------------------- refusals: counts and overwrites
+@pytest.mark.parametrize("model_name, got", [("drop_one", "1 result(s)"),
+                                             ("add_one", "3 result(s)")])
+def test_a_response_with_another_count_than_sent_is_an_error(rest_server, model_name, got):
+    with pytest.raises(client.ResponseMismatchError,
+                       match=re.escape(f"returned {got} in output 'purified_png_bytes' for 2")):
+        client.predict(rest_server, model_name, _pngs(), "purify_bytes", "rest")
+    with pytest.raises(client.ResponseMismatchError, match="for 2 image"):
+        client.predict(rest_server, model_name, _images(), "classify", "rest")
+
+
+def test_check_output_counts():
+    client.check_output_counts({"a": np.zeros((3, 2)), "b": np.zeros(3)}, 3)
+    for outputs in ({}, {"a": np.zeros((2, 2))}, {"a": np.zeros(3), "b": np.float32(1)}):
+        with pytest.raises(client.ResponseMismatchError):
+            client.check_output_counts(outputs, 3)
+
+
+def _run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "export.serving_client", *args], cwd=REPO_ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=240)
+
+
+def _write_inputs(folder, count=2):
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for index, png in enumerate(_pngs(count, seed=8)):
+        path = folder / f"image{index}.png"
+        path.write_bytes(png)
+        paths.append(str(path))
+    return paths
+
+
+def test_cli_fails_loudly_when_the_server_drops_an_output(rest_server, tmp_path):
+    paths = _write_inputs(tmp_path / "inputs")
+    output_dir = tmp_path / "purified"
+    result = _run_cli(f"--server={rest_server}", "--model_name=drop_one",
+                      "--signature=purify_bytes", f"--images={','.join(paths)}",
+                      f"--output_dir={output_dir}")
+    assert result.returncode == 1
+    assert "returned 1 result(s) in output 'purified_png_bytes' for 2 image(s)" in result.stderr
+    assert not output_dir.exists() or not list(output_dir.iterdir())  # nothing half-written
+
+
+def test_cli_never_writes_into_an_input_folder_even_with_overwrite(rest_server, tmp_path):
+    paths = _write_inputs(tmp_path / "inputs")
+    before = [open(path, "rb").read() for path in paths]
+    result = _run_cli(f"--server={rest_server}", "--signature=purify_bytes",
+                      f"--images={','.join(paths)}", f"--output_dir={tmp_path / 'inputs'}",
+                      "--overwrite")
+    assert result.returncode == 1
+    assert "is the folder of input" in result.stderr
+    assert [open(path, "rb").read() for path in paths] == before
+
+
+def test_an_input_folder_is_refused_however_it_is_spelled(tmp_path):
+    paths = _write_inputs(tmp_path / "inputs")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "inputs")
+    for output_dir in (tmp_path / "inputs", f"{tmp_path}/other/../inputs/", tmp_path / "link",
+                       os.path.relpath(tmp_path / "inputs")):
+        with pytest.raises(ValueError, match="is the folder of input"):
+            client.output_paths_for(paths, str(output_dir), overwrite=True)
+
+
+def test_output_paths_never_resolve_to_an_input(tmp_path):
+    inputs = _write_inputs(tmp_path / "inputs", 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "image0.png").symlink_to(inputs[0])  # the output name points at the input
+    with pytest.raises(ValueError, match="resolves to input"):
+        client.output_paths_for(inputs, str(out), overwrite=True)
+    elsewhere = tmp_path / "elsewhere"
+    assert client.output_paths_for(inputs, str(elsewhere)) == [str(elsewhere / "image0.png")]
+    (elsewhere).mkdir()
+    (elsewhere / "image0.png").write_bytes(b"old")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        client.output_paths_for(inputs, str(elsewhere))
+    assert client.output_paths_for(inputs, str(elsewhere), overwrite=True)
