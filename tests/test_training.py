@@ -3,6 +3,7 @@ diverged and collapsed runs without losing the previous model, and the distribut
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -455,3 +456,16 @@ def test_binary_exits_non_zero_on_nan_and_the_run_resumes(tmp_path, digits):
                              extra_callbacks=[resumed], **settings)
     assert resumed.steps == [4, 5, 6]
     assert keras_path.read_bytes() != before
+
+
+def test_fault_injection_plan_spreads_20_seeded_kills_over_the_run():
+    from tools import fault_inject_training as fault
+
+    args = fault.parse_args([])
+    plan = fault.plan_kills(args, random.Random(0))
+    assert plan == fault.plan_kills(args, random.Random(0))  # rerunnable
+    assert len(plan) == 20 and {phase for phase, _ in plan} == set(fault.PHASES)
+    in_run = [target for phase, target in plan if phase in ("mid_epoch", "checkpoint")]
+    assert in_run == sorted(in_run) and 0 < in_run[0] and in_run[-1] <= 200
+    assert all(target % 5 == 0 for phase, target in plan if phase == "checkpoint")
+    assert [phase for phase, _ in plan[-3:]] == ["after_training"] * 3

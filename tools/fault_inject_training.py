@@ -15,7 +15,9 @@ spread over the whole run:
 * ``after_training``: after the last step, before the model file is written (``progress.json``
   says ``evaluating``).
 
-For each kill it records the global step the killed process had reached (``progress.json``),
+For each kill it records the global step the killed process had reached (``progress.json``,
+written after every step, so a process killed while training may have applied one step more:
+the table marks those +1; a kill during a checkpoint write had reached that checkpoint's step),
 the checkpoint a restart resumes from (the ``checkpoint`` state file) and the step the next
 process really resumed from (its ``progress.json``); steps lost = reached - resumed from. Then
 it lets the run finish, loads the model, checks every weight is finite and (unless
@@ -218,7 +220,10 @@ def run_experiment(args):
         record = {"kill": index + 1, "phase": phase, "target": target, "attempts": attempt + 1,
                   **seen}
         progress = seen.get("progress")
-        if progress is not None:
+        if seen.get("during_write"):
+            # Step `target` was applied: its checkpoint was being written.
+            record["step_reached"] = target
+        elif progress is not None:
             record["step_reached"] = progress["step"]
             resumed_from = progress.get("resumed_from_step", resumed_from)
             record["resumed_from_step"] = resumed_from
@@ -243,6 +248,13 @@ def run_experiment(args):
         record["next_resumed_from_step"] = next(
             (value for value in reports[index:] if value is not None), None)
         record["steps_lost"] = max(0, record["step_reached"] - record["restart_resumes_from"])
+        # progress.json is written after each step: a process killed while training may have
+        # applied one more step than it reported.
+        progress = record.get("progress") or {}
+        in_flight = (record["killed"] and not record.get("during_write")
+                     and progress.get("state") == "training"
+                     and progress.get("step", 0) < result_total(args))
+        record["steps_lost_bound"] = record["steps_lost"] + int(in_flight)
         record["resumed"] = (record["killed"]
                              and record["next_resumed_from_step"] == record["restart_resumes_from"])
     result = {"kills_planned": len(plan), "kills": kills, "final_exit_code": final_code,
@@ -263,6 +275,10 @@ def run_experiment(args):
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     return result
+
+
+def result_total(args):
+    return args.epochs * args.steps_per_epoch
 
 
 def verify_model(model_dir):
@@ -307,6 +323,8 @@ def summarise(result):
         "kills_resumed_and_finished": sum(record["resumed"] for record in kills) if finished
         else 0,
         "most_steps_lost": max((record["steps_lost"] for record in kills), default=0),
+        "most_steps_lost_bound": max((record["steps_lost_bound"] for record in kills),
+                                     default=0),
         "checkpoint_kills_during_write": sum(record.get("during_write") is True
                                              for record in kills),
         "by_phase": {phase: sum(record["phase"] == phase for record in kills)
@@ -335,7 +353,8 @@ def print_table(result):
             notes.append("before its first progress report")
         print(f"{record['kill']:>4}  {record['phase']:<15}{target:>7}  "
               f"{record['step_reached']:>7}  {record['restart_resumes_from']:>5}  "
-              f"{str(record['next_resumed_from_step']):>7}  {record['steps_lost']:>4}  "
+              f"{str(record['next_resumed_from_step']):>7}  {record['steps_lost']:>4}"
+              f"{'+1' if record['steps_lost_bound'] > record['steps_lost'] else '  '}  "
               + "; ".join(notes))
     summary = result["summary"]
     print(f"Final run: exit {result['final_exit_code']}, model loads: "
@@ -347,7 +366,8 @@ def print_table(result):
               f"{result['max_abs_weight_difference_vs_uninterrupted']}")
     print(f"Kills: {summary['kills_injected']} injected, {summary['kills_resumed']} resumed at "
           f"their checkpoint, run finished: {summary['run_finished']}; most steps lost by any "
-          f"kill: {summary['most_steps_lost']}; kills during a checkpoint write: "
+          f"kill: {summary['most_steps_lost']} (at most {summary['most_steps_lost_bound']} "
+          f"counting a step in flight, marked +1); kills during a checkpoint write: "
           f"{summary['checkpoint_kills_during_write']}; {summary['seconds']} s in all")
 
 
