@@ -9,9 +9,10 @@ cleverhans 4.0.0 (installed with ``pip install --no-deps cleverhans==4.0.0``; se
   object is not callable``). Returning the property's list is a trap: Keras 3 lists the
   learning-rate variable there, cleverhans zeroes it, and the attack silently returns the clean
   images. ``CarliniWagnerL2`` below gives it an optimizer whose ``variables()`` leaves the
-  learning rate out, builds a fresh optimizer per batch (a Keras 3 optimizer is bound to the
-  variables it was built with) and slices the true labels per batch for an untargeted attack
-  (upstream treats any given ``y`` as a target).
+  learning rate out, builds one optimizer and modifier per batch shape (a Keras 3 optimizer is
+  bound to the variables it was built with; both are reset for every batch and binary-search
+  step) and slices the true labels per batch for an untargeted attack (upstream treats any
+  given ``y`` as a target).
 * ``CarliniWagnerL2._attack`` builds its trade-off constant with the *image* shape
   (``tf.ones(shape) * initial_const``) and multiplies it by the per-example loss ``[batch]``
   (upstream issue 1205). On grayscale batches ``[B, H, W, 1] * [B]`` broadcasts silently to
@@ -81,7 +82,6 @@ class CarliniWagnerL2(_cw.CarliniWagnerL2):
         for start in range(0, len(x), self.batch_size):
             stop = start + self.batch_size
             self.y = None if self._labels is None else self._labels[start:stop]
-            self.optimizer = _AdamWithVariablesMethod(self.learning_rate)
             adversarial[start:stop] = np.asarray(self._attack(x[start:stop]))
         return adversarial
 
@@ -105,7 +105,7 @@ class CarliniWagnerL2(_cw.CarliniWagnerL2):
         const = np.full(batch, float(self.initial_const))
         best_l2 = np.full(batch, np.inf)
         best_attack = original.numpy().copy()
-        modifier = tf.Variable(tf.zeros_like(tanh_x), trainable=True)
+        modifier, step = self._state_for(tuple(tanh_x.shape))
         check_every = (self.max_iterations // 10) or 1
         for outer_step in range(self.binary_search_steps):
             modifier.assign(tf.zeros_like(tanh_x))
@@ -118,13 +118,7 @@ class CarliniWagnerL2(_cw.CarliniWagnerL2):
             previous_loss = np.full(batch, np.inf)
             const_tensor = tf.constant(const, tf.float32)
             for iteration in range(self.max_iterations):
-                before = tf.identity(modifier)
-                x_new, _, logits, l2_dist = self.attack_step(tanh_x, y, modifier,
-                                                             const_tensor)
-                # Examples that stopped keep their modifier (Adam still sees them, but their
-                # point never moves again, so they are attacked as if alone).
-                keep = tf.reshape(tf.constant(~running), [-1, 1, 1, 1])
-                modifier.assign(tf.where(keep, before, modifier))
+                x_new, logits, l2_dist = step(tanh_x, y, const_tensor, tf.constant(running))
                 margin = self._margin(logits.numpy(), y.numpy())
                 l2_dist = l2_dist.numpy()
                 success = running & (margin > self.confidence)
@@ -145,6 +139,39 @@ class CarliniWagnerL2(_cw.CarliniWagnerL2):
             const = np.where(bounded, (lower + upper) / 2.0,
                              np.where(succeeded, const, const * 10.0))
         return best_attack
+
+    def _state_for(self, shape):
+        """The modifier variable, optimizer and compiled step for batches of ``shape``, made
+        once per shape (every batch resets them), so batches after the first never retrace."""
+        if not hasattr(self, "_per_shape"):
+            self._per_shape = {}
+        if shape not in self._per_shape:
+            modifier = tf.Variable(tf.zeros(shape, tf.float32), trainable=True)
+            optimizer = _AdamWithVariablesMethod(self.learning_rate)
+            self._per_shape[shape] = (optimizer, modifier,
+                                      self._compiled_step(modifier, optimizer))
+        self.optimizer, modifier, step = self._per_shape[shape]
+        return modifier, step
+
+    def _compiled_step(self, modifier, optimizer):
+        """One Adam step on ``modifier`` as a single ``tf.function``: upstream's ``gradient``
+        (loss and its gradient at the current point) then the update; examples whose
+        ``running`` flag is off keep their modifier (Adam still sees them, but their point
+        never moves again, so each example is attacked as if alone). Returns the point the
+        gradient was taken at, its logits and squared L2 distance."""
+        adam = optimizer._adam
+        adam.build([modifier])
+
+        @tf.function
+        def step(tanh_x, y, const, running):
+            before = tf.identity(modifier)
+            x_new, gradient, _, logits, l2_dist = self.gradient(tanh_x, y, modifier, const)
+            adam.apply_gradients([(gradient, modifier)])
+            keep = tf.reshape(tf.logical_not(running), [-1, 1, 1, 1])
+            modifier.assign(tf.where(keep, before, modifier))
+            return x_new, logits, l2_dist
+
+        return step
 
     def _margin(self, logits, one_hot):
         """How far each example is past the decision boundary (> 0: adversarial): the best
