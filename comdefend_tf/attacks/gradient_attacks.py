@@ -147,8 +147,9 @@ def spsa(model_fn, x, eps, steps: int = 20, y=None, batch_size: int = 1,
     """SPSA (Uesato et al. 2018), L-inf, gradient-free: ``steps`` Adam steps on a margin loss
     estimated from ``spsa_samples`` random +/-delta probes, from a uniform random start. Adam's
     first steps move each pixel by about ``learning_rate``, so its default is the iterative
-    attacks' ``2.5 * eps / steps``. One image at a time (``batch_size`` is ignored); needs
-    labels (the model's predictions when ``y`` is None)."""
+    attacks' ``2.5 * eps / steps``. Each image gets the iterate with the lowest margin seen
+    (not the last one). One image at a time (``batch_size`` is ignored); needs labels (the
+    model's predictions when ``y`` is None)."""
     eps = _check_eps("spsa", eps)
     del batch_size
     if learning_rate is None:
