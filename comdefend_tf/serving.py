@@ -535,6 +535,19 @@ def classifier_height_width(classifier: keras.Model) -> tuple[int, int] | None:
     return None
 
 
+def _classifier_num_classes(classifier: keras.Model, height_width, channels: int) -> int:
+    """The classifier's static number of classes (its output's last dimension)."""
+    try:
+        num_classes = classifier.outputs[0].shape[-1]
+    except (AttributeError, IndexError, TypeError, ValueError):
+        num_classes = None
+    if num_classes is None and height_width is not None:
+        num_classes = classifier(tf.zeros([1, *height_width, channels])).shape[-1]
+    if num_classes is None:
+        raise ValueError("the classifier's output must have a static number of classes")
+    return int(num_classes)
+
+
 @dataclasses.dataclass(frozen=True)
 class ServingFunctions:
     """What ``build_serving_functions`` returns.
@@ -681,9 +694,7 @@ def build_serving_functions(purifier: ComDefend, classifier: keras.Model | None 
             emits_probabilities = classifier_emits_probabilities(classifier)
         else:
             emits_probabilities = settings.classifier_outputs == "probabilities"
-        num_classes = classifier.outputs[0].shape[-1]
-        if num_classes is None:
-            raise ValueError("the classifier's output must have a static number of classes")
+        num_classes = _classifier_num_classes(classifier, height_width, channels)
 
         def scores_of(purified):
             return tf.cast(classifier(purified, training=False), tf.float32)

@@ -82,7 +82,7 @@ def numeric_children(export_base: str) -> list[str]:
         except ValueError:
             continue
         names.append(name)
-    return sorted(names)
+    return sorted(names, key=int)
 
 
 def missing_files(version_dir: str) -> list[str]:
