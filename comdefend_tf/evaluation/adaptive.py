@@ -48,7 +48,7 @@ import tensorflow as tf
 from comdefend_tf import defenses as defenses_lib
 from comdefend_tf.attacks import apgd as apgd_lib
 from comdefend_tf.attacks import square as square_lib
-from comdefend_tf.evaluation import checks, scoring, seeds
+from comdefend_tf.evaluation import checks, cpu_time, scoring, seeds
 from comdefend_tf.evaluation import threat_models as threat_models_lib
 
 BASELINE_DEFENSES = ("jpeg", "bit_depth", "median")
@@ -62,7 +62,8 @@ THREAT_MODELS = ("oblivious", "bpda_eot", "bpda_identity", "soft_path", "fixed_n
 PIPELINE_GRADIENT_THREAT_MODELS = ("white_box", "bpda_eot", "bpda_identity")
 ROW_COLUMNS = ("threat_model", "attack", "norm", "eps", "steps", "eot", "restarts", "defense",
                "n", "clean_acc", "undefended_success", "robust_acc_mean", "robust_acc_majority",
-               "robust_acc_strict", "ci_low", "ci_high", "standing_strict", "standing_majority")
+               "robust_acc_strict", "ci_low", "ci_high", "standing_strict", "standing_majority",
+               "cpu_seconds")
 WORST_CASE = "worst_case"
 FIXED_NOISE_SAME_DRAW = "fixed_noise_same_draw"
 ATTACK_NAMES = {"ce": "apgd-ce", "t": "apgd-t", "dlr": "apgd-dlr"}
@@ -422,6 +423,7 @@ class Evaluation:
                    "restarts": attack.restarts, "defense": defense_name, "n": int(len(indices)),
                    "clean_acc": self.clean[defense_name]["mean_acc"],
                    "scope": "all examples" if self.protocol.per_attack_rows else "cascade"}
+            clock = cpu_time.CpuClock()
             if len(indices):
                 adversarial = attack.run(indices)
                 checks.check_adversarial(self.images[indices], adversarial, eps, norm)
@@ -450,7 +452,8 @@ class Evaluation:
                            robust_acc_strict=None, ci_low=None, ci_high=None, majority_ci=None,
                            undefended_success=None)
             row.update(standing_strict=float(standing_strict.mean()),
-                       standing_majority=float(standing_majority.mean()))
+                       standing_majority=float(standing_majority.mean()),
+                       cpu_seconds=clock.seconds())
             self.rows.append(row)
             if len(indices) and attack.same_draw_noise is not None:
                 self._same_draw_row(row, adversarial, indices, attack.same_draw_noise)
@@ -483,7 +486,7 @@ class Evaluation:
                     robust_acc_majority=summary["majority_acc"],
                     robust_acc_strict=summary["strict_acc"], ci_low=summary["ci_low"],
                     ci_high=summary["ci_high"], majority_ci=summary["majority_ci"],
-                    undefended_success=None, in_worst_case=False)
+                    undefended_success=None, in_worst_case=False, cpu_seconds=None)
         self.rows.append(same)
 
     def _masking(self, defense_name, norm, eps, outcomes):

@@ -320,7 +320,8 @@ def format_robustness_markdown(results: dict, metadata: dict) -> str:
                  "worst case, which scores with fresh draws as deployed). `undefended_success`: "
                  "share of the examples the undefended classifier gets right when clean that "
                  "it gets wrong on the row's images. `standing_*`: fraction of all N still "
-                 "robust after this attack (cumulative, in cascade order).")
+                 "robust after this attack (cumulative, in cascade order). `cpu_seconds`: "
+                 "CPU time of the attack and its scoring.")
     lines.append("")
     header = list(adaptive.ROW_COLUMNS)
     lines.append("| " + " | ".join(header) + " |")
@@ -336,6 +337,8 @@ def format_robustness_markdown(results: dict, metadata: dict) -> str:
                 cells.append(_pct(value))
             elif key == "eps":
                 cells.append(f"{value:g}")
+            elif key == "cpu_seconds":
+                cells.append("-" if value is None else f"{value:.1f}")
             else:
                 cells.append(str(value))
         lines.append("| " + " | ".join(cells) + " |")
