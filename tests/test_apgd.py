@@ -262,6 +262,28 @@ def test_apgd_targeted_keeps_eot_averaging():
     assert result.gradient_calls % (eot * (steps + 1)) == 0
 
 
+def test_eot_draws_inside_the_compiled_step_are_independent():
+    # A Keras noise layer inside the model: the K draws unrolled in one compiled iteration
+    # must each get fresh noise, so the mean of K = 8 has about 1/sqrt(8) of one draw's spread.
+    import keras
+
+    weights = tf.constant(np.random.default_rng(0).normal(size=(4, 4)), tf.float32)
+    noise = keras.layers.GaussianNoise(1.0)
+
+    def noisy(images):
+        return tf.matmul(noise(tf.reshape(images, [-1, 4]), training=True), weights)
+
+    images = tf.constant(np.full((2, 2, 2, 1), 0.5, np.float32))
+    labels = tf.constant([0, 1], tf.int64)
+    index = tf.constant([0, 1], tf.int64)
+    spreads = {}
+    for draws in (1, 8):
+        start = apgd_lib.compiled_functions(noisy, "ce", "linf", draws, False, False).start
+        losses = np.array([start(images, labels, labels, index)[0].numpy() for _ in range(48)])
+        spreads[draws] = losses.std(axis=0).mean()
+    assert 1.8 < spreads[1] / spreads[8] < 4.5, spreads
+
+
 # ----------------------------------------------------------------------------- seeds
 def test_derive_seed_is_stable_and_separates_runs():
     seeds = {apgd_lib.derive_seed(0, attack, loss, threat, eps)
