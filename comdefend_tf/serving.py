@@ -471,14 +471,25 @@ def _decode_declared(encoded: tf.Tensor, is_png: tf.Tensor, height: tf.Tensor, w
                      channels: int) -> tf.Tensor:
     """One PNG or JPEG string whose header was checked -> float32 ``[height, width, channels]``
     in [0, 1]: PNG as ``uint16 / 65535`` (8-bit PNGs give exactly ``uint8 / 255``), JPEG as
-    ``uint8 / 255``. Refuses an image whose decoded size differs from its declared one."""
+    ``uint8 / 255`` (a CMYK JPEG for a 1-channel model through RGB, which libjpeg can convert
+    it to). Refuses an image whose decoded size differs from its declared one."""
     def decode_png():
         pixels = tf.io.decode_png(encoded, channels=channels, dtype=tf.uint16)
         return tf.cast(pixels, tf.float32) / 65535.0
 
     def decode_jpeg():
-        pixels = tf.io.decode_jpeg(encoded, channels=channels)
-        return tf.cast(pixels, tf.float32) / 255.0
+        if channels != 1:
+            return tf.cast(tf.io.decode_jpeg(encoded, channels=channels), tf.float32) / 255.0
+
+        def cmyk_to_grey():
+            # libjpeg converts CMYK to RGB but not to grey: go through RGB (ITU-R 601 luma).
+            rgb = tf.io.decode_jpeg(encoded, channels=3)
+            return tf.round(tf.image.rgb_to_grayscale(tf.cast(rgb, tf.float32))) / 255.0
+
+        def grey():
+            return tf.cast(tf.io.decode_jpeg(encoded, channels=1), tf.float32) / 255.0
+
+        return tf.cond(tf.equal(tf.image.extract_jpeg_shape(encoded)[2], 4), cmyk_to_grey, grey)
 
     image = tf.cond(is_png, decode_png, decode_jpeg)
     image = tf.ensure_shape(image, [None, None, channels])

@@ -370,3 +370,18 @@ def test_the_hostile_request_corpus_is_refused_by_name(tmp_path):
     assert summary["not_as_expected"] == []
     assert summary["refused_with_naming_message"] == summary["malformed_cases"] >= 200
     assert hostile_requests.valid_request_check(signatures, 3, purifier, classifier)["ok"]
+
+
+def test_a_grey_model_answers_cmyk_jpegs_and_alpha_pngs(gray_purifier):
+    import io
+
+    from PIL import Image
+
+    rgb = np.random.RandomState(6).randint(0, 256, (6, 5, 3)).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).convert("CMYK").save(buffer, format="JPEG")
+    grey_alpha = tf.io.encode_png(rgb[..., :2]).numpy()
+    rgba = tf.io.encode_png(np.concatenate([rgb, rgb[..., :1]], axis=-1)).numpy()
+    pngs = _signatures(gray_purifier)["purify_bytes"](
+        tf.constant([buffer.getvalue(), grey_alpha, rgba]))["purified_png_bytes"].numpy()
+    assert [tuple(tf.io.decode_png(png).shape) for png in pngs] == [(6, 5, 1)] * 3

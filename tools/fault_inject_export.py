@@ -10,8 +10,8 @@ writing), half while the run writes its version: a delay uniform over the calibr
 writing time (from its hidden folder's appearance to the rename that published the version)
 after this run's hidden ``.partial-*`` folder appears (on a loaded machine run
 times vary too much for fixed moments to land there). While each run lives, a watcher lists
-the base every few milliseconds; after each kill every numeric folder is checked again and loaded with
-``tf.saved_model.load``. A numeric folder counts as *partial* when it lacks ``saved_model.pb``,
+the base every few milliseconds; after each kill every numeric folder is checked again and
+loaded with ``tf.saved_model.load``. A numeric folder counts as *partial* when it lacks ``saved_model.pb``,
 ``variables/variables.index`` or ``comdefend_export.json`` at any moment, or does not load.
 
 Then one more export must succeed, and no hidden temporary folder of a killed run may remain

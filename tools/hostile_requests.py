@@ -27,6 +27,7 @@ JSON.
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import io
 import json
@@ -363,8 +364,8 @@ def bytes_cases(channels: int, max_pixels: int, max_batch_size: int) -> list[Cas
         "plain text": b"hello, this is not an image",
         "JSON": b'{"b64": "iVBORw0KGgo="}',
         "HTML": b"<html><body><img src=x onerror=alert(1)></body></html>",
-        "base64 text of a PNG (not decoded by the client)": __import__("base64").b64encode(png),
-        "data URL": b"data:image/png;base64," + __import__("base64").b64encode(png),
+        "base64 text of a PNG (not decoded by the client)": base64.b64encode(png),
+        "data URL": b"data:image/png;base64," + base64.b64encode(png),
         "GIF89a": _pillow_bytes("P", 6, "GIF"),
         "GIF87a header": b"GIF87a" + b"\x00" * 20,
         "BMP": _pillow_bytes("RGB", 6, "BMP"),
