@@ -390,8 +390,12 @@ def test_apgd_agrees_with_art(classifier, held_out, loss, norm, eps):
     the momentum after a restart to the step that reached the best point, samples L2 starts
     inside the ball and returns the last iterate, not the best), so they agree in strength,
     not example by example. Measured over 3 seeds of ours and 2 of ART's at N = 180: spreads
-    of up to 3.3 points (L2 DLR) within each implementation and gaps of at most 2.8 points
-    between their means; 5 points is that spread plus the largest gap, rounded up."""
+    of up to 3.3 points (L2 DLR) within one implementation; with the seeds used here (N = 160)
+    ours is 0.6 (CE L-inf), 1.9 (DLR L-inf), 1.9 (CE L2) and 3.1 (DLR L2) points below ART;
+    5 points covers the spread plus the largest gap. This check guards the scale of the
+    attack (a wrong ball, loss or step size moves it by far more); it cannot see step halving
+    or momentum on this near-linear classifier (removing either moves ours by at most 2.5
+    points, all within the tolerance), which the tests above check directly."""
     from art.attacks.evasion import AutoProjectedGradientDescent
     from art.estimators.classification import TensorFlowV2Classifier
 
