@@ -8,6 +8,8 @@ Keras serializables and round-trip through ``.keras`` files with ``safe_mode=Tru
 
 from __future__ import annotations
 
+import secrets
+
 import keras
 from keras import ops
 
@@ -32,6 +34,14 @@ class CodeNoise(keras.layers.Layer):
 
     Returns:
       ``code_logits`` minus the noise, same shape and dtype.
+
+    Unpredictable noise: with ``seed=None`` (the default) the draws come from a generator seeded
+    from the operating system's entropy, at construction and again whenever saved weights are
+    loaded. A seed is never saved with the layer and one found in an older file is ignored:
+    otherwise every process loading one ``.keras`` file would replay the same draws, which
+    anyone holding the file could compute. An integer ``seed`` given in code makes the draws
+    reproducible in this process (tests, training runs); ask for it again after loading
+    (``load_comdefend(..., seed=N)``) if reproducible purification is wanted.
     """
 
     def __init__(self, train_std: float = 20.0, inference_std: float = 0.0,
@@ -43,7 +53,18 @@ class CodeNoise(keras.layers.Layer):
         self.train_std = float(train_std)
         self.inference_std = float(inference_std)
         self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.seed_generator = keras.random.SeedGenerator(
+            _entropy_seed() if seed is None else seed)
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        if self.seed is None:
+            self.reseed_from_entropy()
+
+    def reseed_from_entropy(self):
+        """Restarts the noise generator from a fresh OS-entropy seed (counter 0)."""
+        state = self.seed_generator.state
+        state.assign(ops.cast(ops.convert_to_tensor([_entropy_seed(), 0]), state.dtype))
 
     def call(self, code_logits, training=None, noise=None, std_scale=None):
         if noise is not None:
@@ -61,9 +82,22 @@ class CodeNoise(keras.layers.Layer):
         return input_shape
 
     def get_config(self):
+        # No seed in the file (see the class docstring): a loaded layer is entropy-seeded.
         config = super().get_config()
-        config.update(train_std=self.train_std, inference_std=self.inference_std, seed=self.seed)
+        config.update(train_std=self.train_std, inference_std=self.inference_std, seed=None)
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        # Files written before the seed was left out may carry one; it is ignored, so no file
+        # decides the draws.
+        return cls(**{**config, "seed": None})
+
+
+def _entropy_seed() -> int:
+    """A seed in [1, 2**31) from the operating system's entropy (``secrets``), never from
+    Python's or Keras' global seeded state."""
+    return 1 + secrets.randbelow(2 ** 31 - 1)
 
 
 def hard_threshold(code_logits):

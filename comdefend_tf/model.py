@@ -220,12 +220,17 @@ class ComDefend(keras.Model):
 
     # ---------------------------------------------------------------------- serialisation
     def get_config(self):
-        return {"config": self.config.to_dict(), "seed": self.seed, "name": self.name,
+        # The seed is deliberately not saved: a loaded model's inference noise is seeded from
+        # OS entropy in every process (``CodeNoise``), so the file cannot determine the draws
+        # an attacker would face. Reproducible noise is asked for at load time
+        # (``load_comdefend(..., seed=N)``), never inherited from the training run's seed.
+        return {"config": self.config.to_dict(), "seed": None, "name": self.name,
                 "trainable": self.trainable}
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
+        config["seed"] = None  # an older file's training seed must not fix the served noise
         return cls(config.pop("config"), **config)
 
     def with_inference(self, noise_std: float | None = None, mode: str | None = None,

@@ -176,3 +176,35 @@ def test_with_inference_shares_weights_without_duplicating_them(tmp_path):
     noisy.set_weights(model.get_weights())  # the same layout: precision conversion relies on it
     save_comdefend(noisy, str(tmp_path))
     assert load_comdefend(str(tmp_path)).config == noisy.config
+
+
+_DRAW_SCRIPT = """
+import sys
+import numpy as np
+from comdefend_tf.model import load_comdefend
+seed = None if sys.argv[2] == "none" else int(sys.argv[2])
+model = load_comdefend(sys.argv[1], seed=seed)
+logits = np.zeros((1, 4, 4, model.config.code_channels), np.float32)
+print(" ".join(f"{v:.6f}" for v in np.asarray(model.code_noise(logits)).ravel()[:8]))
+"""
+
+
+def _noise_in_fresh_process(model_dir, seed):
+    import subprocess
+    import sys
+    from tests.conftest import REPO_ROOT, subprocess_env
+    result = subprocess.run([sys.executable, "-c", _DRAW_SCRIPT, model_dir, seed],
+                            capture_output=True, text=True, cwd=REPO_ROOT, env=subprocess_env(),
+                            timeout=300, check=True)
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_saved_file_does_not_determine_the_inference_noise(tmp_path):
+    # Trained with seed 0, as the training binary does; the file must not replay its draws.
+    model = ComDefend(get_config("tiny", inference_noise_std=1.0), seed=0)
+    model(np.zeros((1, 4, 4, 3), np.float32))
+    model_dir = str(tmp_path / "model")
+    save_comdefend(model, model_dir)
+    first, second = (_noise_in_fresh_process(model_dir, "none") for _ in range(2))
+    assert first != second
+    assert _noise_in_fresh_process(model_dir, "7") == _noise_in_fresh_process(model_dir, "7")
