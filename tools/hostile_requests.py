@@ -464,6 +464,7 @@ def run_case(signatures, case: Case) -> dict:
         value = case.make()
         if not tf.is_tensor(value):
             value = tf.constant(value)
+        result["input_bytes"] = _tensor_bytes(value)
         outputs = signatures[case.signature](**{input_name(case.signature): value})
         del value
         if case.keywords is None:
@@ -484,7 +485,18 @@ def run_case(signatures, case: Case) -> dict:
         result["outcome"] = "other_error"
         result["message"] = f"{type(error).__name__}: {error}"[-600:]
     result["seconds"] = round(time.perf_counter() - start, 3)
+    result["peak_rss_after_bytes"] = peak_rss_bytes()
     return result
+
+
+def _tensor_bytes(value) -> int:
+    """Memory the request's input tensor holds in this process (strings: their bytes plus
+    TensorFlow's 24-byte string headers)."""
+    import tensorflow as tf
+
+    if value.dtype == tf.string:
+        return int(tf.reduce_sum(tf.strings.length(value))) + 24 * int(tf.size(value))
+    return int(tf.size(value)) * value.dtype.size
 
 
 GOOD_OUTCOMES = ("refused_named", "answered")
@@ -563,7 +575,10 @@ def summarize(results: list[dict]) -> dict:
     malformed = [result for result in results if result["outcome"] not in ("answered",
                                                                             "wrong_answer",
                                                                             "refused_valid")]
+    largest = max(results, key=lambda result: result.get("input_bytes", 0))
     return {"cases": len(results), "malformed_cases": len(malformed),
+            "largest_request_input_bytes": largest.get("input_bytes", 0),
+            "largest_request": f"{largest['signature']}: {largest['name']}",
             "refused_with_naming_message": counts.get("refused_named", 0),
             "valid_files_answered": counts.get("answered", 0),
             "outcome_counts": counts,
@@ -636,7 +651,10 @@ def main(argv=None) -> int:
         print(f"NOT AS EXPECTED [{result['outcome']}] {result['signature']}: {result['name']}: "
               f"{result['message'][-300:]}")
     print(f"peak RSS: {report['peak_rss_bytes'] / 2 ** 20:.0f} MiB (after loading the export: "
-          f"{peak_before / 2 ** 20:.0f} MiB peak, {rss_after_load / 2 ** 20:.0f} MiB resident)")
+          f"{peak_before / 2 ** 20:.0f} MiB peak, {rss_after_load / 2 ** 20:.0f} MiB resident; "
+          f"the largest request input held here: "
+          f"{summary['largest_request_input_bytes'] / 2 ** 20:.0f} MiB, "
+          f"{summary['largest_request']})")
     print(f"valid request afterwards: {'answered correctly' if valid['ok'] else 'FAILED'} "
           f"{json.dumps({k: v for k, v in valid.items() if k != 'ok'})}")
     print(f"result: {'OK' if ok else 'FAILED'} ({report['seconds']} s)")
