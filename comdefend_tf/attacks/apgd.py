@@ -271,8 +271,6 @@ class _Functions:
     evaluates the random start, ``iterate`` runs one full iteration."""
 
     def __init__(self, model_ref, loss, norm, eot_iter, targeted, index_aware, compile):
-        self.traces = 0
-
         def call_model(points, index):
             model = model_ref()
             return model(points, index) if index_aware else model(points)
@@ -308,11 +306,9 @@ class _Functions:
             return value, point_margin, gradient, stats
 
         def start(points, labels, targets, index):
-            self.traces += 1  # runs only while tracing when compiled
             return evaluate(points, labels, targets, index)
 
         def iterate(state, images, labels, targets, index, eps, alpha):
-            self.traces += 1
             candidate = momentum_step(state["current"], state["previous"], state["gradient"],
                                       state["eta"], images, eps, norm, alpha)
             value, point_margin, gradient, stats = evaluate(candidate, labels, targets, index)
