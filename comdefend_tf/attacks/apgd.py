@@ -275,19 +275,25 @@ class _Functions:
             model = model_ref()
             return model(points, index) if index_aware else model(points)
 
+        def draw(points, labels, targets, index):
+            with tf.GradientTape() as tape:
+                tape.watch(points)
+                logits = tf.cast(call_model(points, index), tf.float32)
+                losses = loss_per_example(logits, labels, loss, targets if targeted else None)
+            gradient = tape.gradient(losses, points)
+            if gradient is None:
+                raise ValueError("the model's output does not depend on its input under "
+                                 "tf.GradientTape (a non-differentiable step with no "
+                                 "straight-through gradient?)")
+            return losses, gradient, logits
+
         def evaluate(points, labels, targets, index):
-            loss_sum, gradient_sum, logits_sum = 0.0, 0.0, 0.0
-            for _ in range(eot_iter):
-                with tf.GradientTape() as tape:
-                    tape.watch(points)
-                    logits = tf.cast(call_model(points, index), tf.float32)
-                    losses = loss_per_example(logits, labels, loss,
-                                              targets if targeted else None)
-                gradient = tape.gradient(losses, points)
-                if gradient is None:
-                    raise ValueError("the model's output does not depend on its input under "
-                                     "tf.GradientTape (a non-differentiable step with no "
-                                     "straight-through gradient?)")
+            loss_sum, gradient_sum, logits_sum = draw(points, labels, targets, index)
+            # Compiled, the further draws are a graph loop (one copy of the model in the
+            # graph, so tracing does not grow with K); each iteration draws fresh noise.
+            extra = tf.range(eot_iter - 1) if compile else range(eot_iter - 1)
+            for _ in extra:
+                losses, gradient, logits = draw(points, labels, targets, index)
                 loss_sum += losses
                 gradient_sum += gradient
                 logits_sum += logits
