@@ -21,6 +21,18 @@ checks and strategies as ComDefend's training (``comdefend_tf.training``): a kil
 at its last checkpointed step, a diverged run raises ``training.NonFiniteTraining`` and writes
 no model; ``save_classifier`` writes ``MODEL_DIR/classifier.keras`` and ``metrics.json``
 atomically.
+
+**Training behind a purifier** (the paper's defense at training and test time): with
+``purifier_dir`` the classifier is trained on purified images. On the fly by default: the frozen
+purifier (``trainable=False``, its inference settings; with inference noise every step draws
+fresh noise, an augmentation) runs in front of the classifier inside the trained model
+(``PurifiedClassifier``), built in the strategy scope like the classifier, so ``tf.distribute``
+and step checkpoints (the noise generator's state included) work as for a plain classifier; the
+purifier's weights never change. With ``purified_input`` the data were purified in advance (the
+purify commands) and the purifier only identifies them. Either way ``metrics.json`` records the
+purifier under ``provenance.PURIFIER_KEY`` (path, config, weights fingerprint), which
+evaluation, export and serving compare with the purifier they compose the classifier with.
+``init_classifier_dir`` fine-tunes an existing classifier instead of a fresh one.
 """
 
 from __future__ import annotations
@@ -34,7 +46,7 @@ import tensorflow as tf
 from keras import ops
 
 from comdefend_tf import data as data_lib
-from comdefend_tf import training
+from comdefend_tf import provenance, training
 from comdefend_tf.files import write_json_atomic
 
 ARCHITECTURES = ("auto", "small_cnn", "resnet_cifar", "resnet50")
@@ -230,12 +242,74 @@ def _compile(model, learning_rate):
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
 
 
+class PurifiedClassifier(keras.Model):
+    """``classifier(purifier(images))`` with the purifier frozen: what is trained when a
+    classifier learns behind a purifier.
+
+    Images float32 ``[B, H, W, C]`` in [0, 1] -> logits ``[B, num_classes]``. The purifier is set
+    ``trainable=False`` and always runs its inference settings (a frozen ``ComDefend`` ignores
+    ``training``): its inference noise, when it has any, is drawn afresh at every call from its
+    seed generator, whose state is a model variable (checkpointed, so a resumed run replays the
+    draws). Only the classifier's variables are trainable. The wrapper is never saved: the
+    classifier is (``save_classifier``), and its ``metrics.json`` names the purifier.
+    """
+
+    def __init__(self, purifier: keras.Model, classifier: keras.Model, **kwargs):
+        super().__init__(**kwargs)
+        purifier.trainable = False
+        self.purifier = purifier
+        self.classifier = classifier
+
+    def call(self, images, training=None):
+        purified = self.purifier(images, training=False)
+        return self.classifier(purified, training=training)
+
+
+def _purifier_provenance(image_data, purifier_dir, purified_input, purify_manifest, seed):
+    """``(purifier to run or None, provenance record or None)`` for ``train_classifier``."""
+    from comdefend_tf.model import load_comdefend
+
+    if purify_manifest is not None and not purified_input:
+        raise ValueError("purify_manifest describes images purified in advance; pass "
+                         "purified_input=True with it")
+    if not purified_input:
+        if purifier_dir is None:
+            return None, None
+        purifier = load_comdefend(purifier_dir, seed=seed)
+        if purifier.config.input_channels != image_data.channels:
+            raise ValueError(f"the purifier {purifier_dir!r} takes "
+                             f"{purifier.config.input_channels}-channel images but dataset "
+                             f"{image_data.name!r} has {image_data.channels} channels")
+        return purifier, provenance.purifier_record(purifier, purifier_dir)
+    if purify_manifest is None:
+        purify_manifest = provenance.find_purify_manifest(image_data.name)
+    if purifier_dir is None and purify_manifest is None:
+        raise ValueError(f"purified_input: say which purifier purified {image_data.name!r}: "
+                         "give purifier_dir (fingerprinted, not run) or the purify command's "
+                         "manifest.json (purify_manifest)")
+    record = provenance.manifest_record(purify_manifest) if purify_manifest else None
+    if purifier_dir is not None:
+        # Loaded only to fingerprint it: it never runs on the (already purified) images.
+        given = provenance.purifier_record(load_comdefend(purifier_dir), purifier_dir,
+                                           provenance.IN_ADVANCE, purify_manifest)
+        if (record is not None and record["fingerprint"] is not None
+                and record["fingerprint"] != given["fingerprint"]):
+            raise ValueError(f"the manifest {purify_manifest!r} says the images were purified "
+                             f"by {record['path']} ({record['fingerprint']}), not by "
+                             f"{purifier_dir!r} ({given['fingerprint']})")
+        record = given
+    return None, record
+
+
 def train_classifier(image_data: data_lib.ImageData, model_dir: str, architecture: str = "auto",
                      epochs: int = 5, batch_size: int = 64, learning_rate: float = 1e-3,
                      strategy: str | tf.distribute.Strategy = "default", seed: int = 0,
                      weights_path: str | None = None, steps_per_epoch: int | None = None,
                      verbose: int | str = "auto", extra_callbacks: list | None = None,
                      checkpoint_every_steps: int = training.DEFAULT_CHECKPOINT_EVERY_STEPS,
+                     purifier_dir: str | None = None, purified_input: bool = False,
+                     purify_manifest: str | None = None,
+                     init_classifier_dir: str | None = None,
                      ) -> tuple[keras.Model, dict]:
     """Trains a classifier on ``image_data.train`` with cross-entropy on logits and saves it.
 
@@ -244,30 +318,41 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
     checkpointed step with the batches it had not seen; a finished one only rewrites the
     model), ``TensorBoard`` logs and ``model_dir/progress.json``, like
     ``comdefend_tf.training.train_comdefend``. Writes ``model_dir/classifier.keras`` and
-    ``metrics.json`` (``held_out_accuracy`` in [0, 1], the history, the settings).
+    ``metrics.json`` (``held_out_accuracy`` in [0, 1], the history, the settings; behind a
+    purifier also its record under ``provenance.PURIFIER_KEY``).
 
     Args:
       image_data: a labelled source from ``comdefend_tf.data.load_dataset``.
       model_dir: output directory.
-      architecture: a name from ``ARCHITECTURES``.
+      architecture: a name from ``ARCHITECTURES`` (ignored with ``init_classifier_dir``).
       epochs, batch_size, learning_rate: Adam training settings.
       strategy: ``default`` or ``mirrored`` (or a strategy object). ``multi_worker`` is refused:
         Keras 3 ``fit`` fails under ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585).
-      seed: seeds initialisation and the data order.
+      seed: seeds initialisation, the data order and the purifier's noise draws.
       weights_path: local ResNet50 weights (see ``build_classifier``).
       steps_per_epoch: steps per epoch (None: one pass).
       verbose: Keras progress-bar verbosity.
       extra_callbacks: more Keras callbacks.
       checkpoint_every_steps: global steps between checkpoints.
+      purifier_dir: a ComDefend model directory (or ``.keras`` file): train behind it, frozen,
+        on the fly (``PurifiedClassifier``); ``held_out_accuracy`` is then measured on purified
+        held-out images and ``held_out_accuracy_unpurified`` on the clean ones.
+      purified_input: the images of ``image_data`` were purified in advance; the purifier is
+        not run, only recorded (from ``purifier_dir`` and/or ``purify_manifest``; for a
+        ``tfrecord:GLOB`` source the ``manifest.json`` beside the records is found alone).
+      purify_manifest: the purify command's ``manifest.json`` (or its folder).
+      init_classifier_dir: start from this saved classifier (fine-tuning) instead of a fresh
+        network; its input shape and class count must match the data.
 
     Returns:
       ``(classifier, metrics)``.
 
     Raises:
-      ValueError: unlabelled data, bad settings or an unsupported strategy.
-      training.NonFiniteTraining: the loss or a weight became NaN or infinite (the checkpoints
-        and any previous model file stay). training.TrainingError: the directory holds a run
-        with other settings.
+      ValueError: unlabelled data, bad settings, an unsupported strategy, a purifier or
+        initial classifier that does not fit the data, or ``purified_input`` without a named
+        purifier. training.NonFiniteTraining: the loss or a weight became NaN or infinite (the
+        checkpoints and any previous model file stay). training.TrainingError: the directory
+        holds a run with other settings (another purifier or initial classifier included).
     """
     if not image_data.num_classes:
         raise ValueError(f"dataset {image_data.name!r} has no labels; a classifier needs labels")
@@ -285,7 +370,8 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
         strategy = training.make_strategy(strategy)
     keras.utils.set_random_seed(seed)
     os.makedirs(model_dir, exist_ok=True)
-    architecture = choose_architecture(image_data.image_shape, architecture)
+    if init_classifier_dir is None:
+        architecture = choose_architecture(image_data.image_shape, architecture)
     batches_per_pass = image_data.num_train // batch_size if image_data.num_train else None
     if batches_per_pass == 0:
         raise ValueError(f"batch_size {batch_size} exceeds the {image_data.num_train} training "
@@ -296,16 +382,41 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
                          "steps_per_epoch")
     total_steps = epochs * steps_per_epoch
     with strategy.scope():
-        classifier = build_classifier(image_data.image_shape, image_data.num_classes,
-                                      architecture, weights_path=weights_path)
-        _compile(classifier, learning_rate)
-        classifier.optimizer.build(classifier.trainable_variables)
+        # The purifier is built in the scope too: its variables (weights and the noise
+        # generator's state) are then replicated like the classifier's.
+        purifier, purifier_info = _purifier_provenance(image_data, purifier_dir, purified_input,
+                                                       purify_manifest, seed)
+        if init_classifier_dir is not None:
+            classifier = load_classifier(init_classifier_dir)
+            _check_fits(classifier, image_data, init_classifier_dir)
+            architecture = classifier.name
+            init_info = {"path": os.path.abspath(init_classifier_dir),
+                         "fingerprint": provenance.weights_fingerprint(classifier)}
+        else:
+            classifier = build_classifier(image_data.image_shape, image_data.num_classes,
+                                          architecture, weights_path=weights_path)
+            init_info = None
+        model = classifier if purifier is None else PurifiedClassifier(purifier, classifier)
+        _compile(model, learning_rate)
+        if purifier is not None:
+            model(tf.zeros((1,) + tuple(image_data.image_shape)))
+        model.optimizer.build(model.trainable_variables)
+    purifier_weights = None if purifier is None else [np.array(w) for w in purifier.weights]
     settings = {"kind": "classifier", "architecture": architecture, "dataset": image_data.name,
                 "image_shape": list(image_data.image_shape),
                 "num_classes": image_data.num_classes, "weights_path": weights_path,
                 "batch_size": batch_size, "seed": seed, "steps_per_epoch": steps_per_epoch,
                 "epochs": epochs, "learning_rate": learning_rate}
-    state = training.RunState(model_dir, classifier, classifier.optimizer, settings, strategy)
+    # Only runs behind a purifier or from a saved classifier carry these keys, so a plain run's
+    # settings (and its resumability) are unchanged.
+    if purifier_info is not None:
+        settings["purifier"] = {key: purifier_info[key] for key in ("fingerprint", "purified")}
+        settings["purifier"]["inference"] = {
+            key: (purifier_info["config"] or {}).get(key)
+            for key in ("inference_noise_std", "inference_mode")}
+    if init_info is not None:
+        settings["init_classifier_fingerprint"] = init_info["fingerprint"]
+    state = training.RunState(model_dir, model, model.optimizer, settings, strategy)
     state.restore()
     state.check_finished_run_unchanged(total_steps)
     progress = training.Progress(model_dir, total_steps, steps_per_epoch)
@@ -318,11 +429,11 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
     callbacks = [keras.callbacks.TensorBoard(os.path.join(model_dir, training.LOG_SUBDIR),
                                              profile_batch=0)] + list(extra_callbacks or [])
     start = time.perf_counter()
-    history = training.fit_resumable(classifier, make_stream, test, state, progress, epochs,
+    history = training.fit_resumable(model, make_stream, test, state, progress, epochs,
                                      steps_per_epoch, checkpoint_every_steps, callbacks, verbose,
                                      batch_size)
     seconds = time.perf_counter() - start
-    held_out = classifier.evaluate(test, verbose=0, return_dict=True)
+    held_out = model.evaluate(test, verbose=0, return_dict=True)
     metrics = {
         "held_out_accuracy": float(held_out["accuracy"]),
         "held_out_loss": float(held_out["loss"]),
@@ -333,7 +444,16 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
         "steps_per_epoch": steps_per_epoch, "steps": state.step, "seed": seed,
         "train_seconds": seconds, "strategy": type(strategy).__name__,
         "replicas": strategy.num_replicas_in_sync, "history": history,
+        provenance.PURIFIER_KEY: purifier_info,
+        "init_classifier": init_info,
     }
+    if purifier is not None:
+        # The purified accuracy above; the clean images through the classifier alone beside it.
+        metrics["held_out_accuracy_unpurified"] = _dataset_accuracy(classifier, test)
+        if any(not np.array_equal(before, np.asarray(after))
+               for before, after in zip(purifier_weights, purifier.weights)):
+            raise training.TrainingError("the purifier's weights changed during training; "
+                                         "no classifier was written")
     if not training.all_finite(classifier.variables):
         progress.update(step=state.step, state="diverged")
         raise training.NonFiniteTraining(state.non_finite_message(state.step, "a weight"),
@@ -341,6 +461,25 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
     save_classifier(classifier, model_dir, metrics)
     progress.update(step=state.step, checkpoint_step=state.checkpoint_step, state="done")
     return classifier, metrics
+
+
+def _check_fits(classifier, image_data, path):
+    expected = tuple(classifier.input_shape[1:])
+    if None not in expected and expected != tuple(image_data.image_shape):
+        raise ValueError(f"the classifier {path!r} takes images of shape {expected} but dataset "
+                         f"{image_data.name!r} gives {tuple(image_data.image_shape)}")
+    if classifier.output_shape[-1] != image_data.num_classes:
+        raise ValueError(f"the classifier {path!r} has {classifier.output_shape[-1]} outputs but "
+                         f"dataset {image_data.name!r} has {image_data.num_classes} classes")
+
+
+def _dataset_accuracy(classifier, batches) -> float:
+    correct = total = 0
+    for images, labels in batches:
+        predictions = np.argmax(np.asarray(classifier(images, training=False)), axis=-1)
+        correct += int(np.sum(predictions == np.asarray(labels)))
+        total += len(predictions)
+    return correct / max(total, 1)
 
 
 def save_classifier(classifier: keras.Model, model_dir: str, metrics: dict | None = None) -> str:

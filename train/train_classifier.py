@@ -8,6 +8,20 @@ a ResNet-20-style network for 32x32 RGB and ResNet50 for larger images. A killed
 with the same command resumes at its last checkpoint (every --checkpoint_every_steps steps). A
 run whose loss or weights become NaN or infinite exits non-zero and writes no model (its
 checkpoints and any previous classifier.keras stay).
+
+Training behind a purifier (the paper's defense at training and test time):
+
+    python -m train.train_classifier --dataset=mnist5k --purifier_dir=runs/comdefend \
+        --init_classifier_dir=runs/classifier --epochs=2 --model_dir=runs/classifier_purified
+
+--purifier_dir runs the frozen purifier (its inference settings; with inference noise a fresh
+draw per step) in front of the classifier on every training batch; its weights never change.
+--init_classifier_dir fine-tunes a saved classifier instead of a fresh one. Images purified in
+advance (export.purify_dataset's tfrecord:GLOB, export.purify_images' folder:PATH) are read as
+they are with --purified_input, which records which purifier made them (--purifier_dir,
+fingerprinted but not run, and/or --purify_manifest; a tfrecord:GLOB's manifest.json is found
+alone). metrics.json records the purifier (path, config, weights fingerprint); evaluation,
+export and serving warn when the classifier is composed with another purifier or none.
 """
 
 import sys
@@ -16,7 +30,7 @@ from absl import app, flags
 
 from comdefend_tf import classifiers
 from comdefend_tf import data as data_lib
-from comdefend_tf import training
+from comdefend_tf import provenance, training
 from train import flags_common
 
 flags_common.define_data_flags()
@@ -37,6 +51,17 @@ flags.DEFINE_integer("checkpoint_every_steps", training.DEFAULT_CHECKPOINT_EVERY
                      "Optimizer steps between checkpoints in MODEL_DIR/backup, which are also "
                      "written at every epoch end; a kill loses at most this many steps.",
                      lower_bound=1)
+flags.DEFINE_string("purifier_dir", None, "ComDefend model directory (or .keras file): train "
+                    "the classifier on its purified images (frozen, run on the fly unless "
+                    "--purified_input).")
+flags.DEFINE_bool("purified_input", False, "The --dataset images were already purified (by "
+                  "export.purify_dataset or export.purify_images): do not run a purifier, only "
+                  "record which one made them (--purifier_dir and/or --purify_manifest).")
+flags.DEFINE_string("purify_manifest", None, "With --purified_input: the purify_dataset "
+                    "manifest.json (or its folder) naming the purifier; default: the "
+                    "manifest.json beside a tfrecord:GLOB's records.")
+flags.DEFINE_string("init_classifier_dir", None, "Start from this saved classifier "
+                    "(fine-tuning; --architecture is then ignored) instead of a fresh one.")
 flags.mark_flag_as_required("model_dir")
 
 FLAGS = flags.FLAGS
@@ -53,7 +78,14 @@ def main(argv):
         raise app.UsageError(f"--dataset={FLAGS.dataset} has no labels; a classifier needs "
                              "labelled images (for example mnist5k or folder:PATH)")
     architecture = classifiers.choose_architecture(image_data.image_shape, FLAGS.architecture)
-    print(f"Training classifier {architecture!r} on {image_data.name} "
+    described = (f"from {FLAGS.init_classifier_dir}" if FLAGS.init_classifier_dir
+                 else repr(architecture))
+    behind = ""
+    if FLAGS.purified_input:
+        behind = " (images purified in advance)"
+    elif FLAGS.purifier_dir:
+        behind = f" behind the frozen purifier {FLAGS.purifier_dir}"
+    print(f"Training classifier {described} on {image_data.name}{behind} "
           f"({image_data.num_train} training / {image_data.num_test} held-out images, "
           f"{image_data.image_shape}, {image_data.num_classes} classes), strategy {FLAGS.strategy}")
     try:
@@ -62,11 +94,22 @@ def main(argv):
             batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
             strategy=FLAGS.strategy, seed=FLAGS.seed, weights_path=FLAGS.weights_path,
             steps_per_epoch=FLAGS.steps_per_epoch,
-            checkpoint_every_steps=FLAGS.checkpoint_every_steps)
+            checkpoint_every_steps=FLAGS.checkpoint_every_steps,
+            purifier_dir=FLAGS.purifier_dir, purified_input=FLAGS.purified_input,
+            purify_manifest=FLAGS.purify_manifest,
+            init_classifier_dir=FLAGS.init_classifier_dir)
     except (ValueError, FileNotFoundError, training.TrainingError) as error:
         sys.exit(f"error: {error}")
     print(f"Held-out accuracy: {100 * metrics['held_out_accuracy']:.2f} % on "
-          f"{metrics['num_held_out']} images ({metrics['train_seconds']:.1f} s training)")
+          f"{metrics['num_held_out']} images" + (" (purified)" if metrics.get(
+              provenance.PURIFIER_KEY) else "") + f" ({metrics['train_seconds']:.1f} s training)")
+    if "held_out_accuracy_unpurified" in metrics:
+        print(f"Held-out accuracy on the clean images (no purifier): "
+              f"{100 * metrics['held_out_accuracy_unpurified']:.2f} %")
+    record = metrics.get(provenance.PURIFIER_KEY)
+    if record:
+        print(f"Trained behind purifier {record['path']} ({record['fingerprint']}, "
+              f"{record['purified']}); recorded in metrics.json")
     print(f"Saved {FLAGS.model_dir}/{classifiers.KERAS_FILENAME} (metrics.json beside it)")
 
 
