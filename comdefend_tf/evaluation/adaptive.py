@@ -171,11 +171,8 @@ class CascadeAttack:
 
 
 def _adversarial_of(result) -> np.ndarray:
-    """The adversarial images of an attack's result (an ``APGDResult``-like object with
-    ``adversarial``, or Square's ``(adversarial, margins)``)."""
-    if hasattr(result, "adversarial"):
-        return np.asarray(result.adversarial, np.float32)
-    return np.asarray(result[0], np.float32)
+    """The adversarial images of an ``APGDResult`` or a ``SquareResult``."""
+    return np.asarray(result.adversarial, np.float32)
 
 
 class Evaluation:
@@ -280,14 +277,10 @@ class Evaluation:
         return result
 
     def _square(self, model, indices, norm, eps, eot, seed):
-        if not hasattr(square_lib, "square"):  # DEV-FALLBACK
-            if norm != "linf":
-                return self.images[indices]
-            return square_lib.square_linf(model, self.images[indices], self.labels[indices],
-                                          eps, self.protocol.square_queries, seed=seed)[0]
         result = square_lib.square(model, self.images[indices], self.labels[indices], eps,
                                    norm=norm, queries=self.protocol.square_queries,
-                                   eot_draws=eot, seed=seed)
+                                   eot_draws=eot, seed=seed,
+                                   batch_size=self.protocol.batch_size)
         return _adversarial_of(result)
 
     # ---------------------------------------------------------------------- cascades
