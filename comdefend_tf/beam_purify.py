@@ -49,13 +49,15 @@ from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
-import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
-from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+from comdefend_tf import image_io, optional
 
-from comdefend_tf import image_io
+# Without the [beam] extra, importing this module raises optional.MissingExtra (one line).
+beam = optional.require("apache_beam", "beam", "dataset purification on Apache Beam")
+from apache_beam.io.filesystems import FileSystems  # noqa: E402
+from apache_beam.metrics import Metrics  # noqa: E402
+from apache_beam.metrics.metric import MetricsFilter  # noqa: E402
+from apache_beam.ml.inference.base import (ModelHandler, PredictionResult,  # noqa: E402
+                                           RunInference)
 
 METRICS_NAMESPACE = "comdefend_purify"
 REFUSAL_REASONS = ("unreadable", "too_large", "wrong_channels")
@@ -203,8 +205,8 @@ def plan_inputs(input_spec: str, data_dir: str | None = None,
 
 
 def _plan_tfds(input_spec, name, data_dir, split) -> InputPlan:
-    import tensorflow_datasets as tfds
-
+    tfds = optional.require("tensorflow_datasets", "data", f"the tensorflow-datasets input "
+                            f"{name!r}")
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as error:  # tfds raises several types for unknown or broken names

@@ -25,6 +25,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from comdefend_tf import optional
 from comdefend_tf.serving import (INPUT_IMAGE_BYTES, INPUT_IMAGES, SIGNATURE_DEFAULT,
                                   SIGNATURE_PURIFY_BYTES)
 
@@ -181,8 +182,7 @@ def send_rest(url: str, body: Mapping, timeout_s: float = 60.0) -> dict:
       RuntimeError: the server answered with an error (its message included).
       requests.RequestException: the server could not be reached.
     """
-    import requests
-
+    requests = optional.require("requests", "client", "the REST client")
     reply = requests.post(url, json=body, timeout=timeout_s)
     try:
         payload = reply.json()
@@ -204,8 +204,9 @@ def build_grpc_request(model_name: str, signature_name: str, values,
       version: a specific version; None lets the server pick the latest.
     """
     import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2
 
+    predict_pb2 = optional.require("tensorflow_serving.apis.predict_pb2", None,
+                                   "the gRPC client")
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model_name
     request.model_spec.signature_name = signature_name
@@ -243,9 +244,9 @@ def send_grpc(server: str, request, timeout_s: float = 60.0) -> dict:
     Raises:
       grpc.RpcError: the server refused the request (its details say why) or is unreachable.
     """
-    import grpc
-    from tensorflow_serving.apis import prediction_service_pb2_grpc
-
+    grpc = optional.require("grpc", "client", "the gRPC client")
+    prediction_service_pb2_grpc = optional.require(
+        "tensorflow_serving.apis.prediction_service_pb2_grpc", None, "the gRPC client")
     # Purified images can exceed gRPC's default 4 MiB message limit.
     options = [("grpc.max_send_message_length", 512 << 20),
                ("grpc.max_receive_message_length", 512 << 20)]

@@ -77,7 +77,13 @@ def parse_flags(argv):
 def _main(argv):
     import logging
 
-    from comdefend_tf import beam_purify
+    from comdefend_tf import optional
+
+    try:
+        from comdefend_tf import beam_purify
+    except optional.MissingExtra as error:  # one line naming the [beam] extra
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
     logging.getLogger("apache_beam").setLevel(FLAGS.beam_log_level.upper())
 

@@ -61,7 +61,7 @@ def _request_values(signature: str, paths):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from comdefend_tf import client, image_io
+    from comdefend_tf import client, image_io, optional
 
     server = FLAGS.server or (f"localhost:{client.DEFAULT_REST_PORT}" if FLAGS.protocol == "rest"
                               else f"localhost:{client.DEFAULT_GRPC_PORT}")
@@ -71,7 +71,7 @@ def main(argv):
         values = _request_values(FLAGS.signature, FLAGS.images)
         outputs = client.predict(server, FLAGS.model_name, values, FLAGS.signature,
                                  FLAGS.protocol, FLAGS.model_version, FLAGS.timeout_s)
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError, optional.MissingExtra) as error:
         print(f"serving_client: {error}", file=sys.stderr)
         return 1
     except Exception as error:  # grpc.RpcError and requests errors carry the server's reason

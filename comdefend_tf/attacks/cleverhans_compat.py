@@ -40,8 +40,14 @@ from __future__ import annotations
 import keras
 import numpy as np
 import tensorflow as tf
-from cleverhans.tf2.attacks import carlini_wagner_l2 as _cw
-from cleverhans.tf2.attacks import spsa as _spsa
+
+from comdefend_tf import optional
+
+# Without cleverhans, importing this module (and comdefend_tf.attacks) raises
+# optional.MissingExtra, one line naming `pip install --no-deps cleverhans==4.0.0`.
+_CLEVERHANS_FEATURE = "comdefend_tf.attacks"
+_cw = optional.require("cleverhans.tf2.attacks.carlini_wagner_l2", None, _CLEVERHANS_FEATURE)
+_spsa = optional.require("cleverhans.tf2.attacks.spsa", None, _CLEVERHANS_FEATURE)
 
 
 class _AdamWithVariablesMethod:

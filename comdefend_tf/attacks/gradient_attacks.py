@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from comdefend_tf import optional
 from comdefend_tf.attacks import cleverhans_compat
 
 EOT_FORM = "mean of logits over K noise draws (gradient = mean of the K logit gradients)"
@@ -169,9 +170,7 @@ def spsa(model_fn, x, eps, steps: int = 20, y=None, batch_size: int = 1,
 def _import_foolbox():
     # eagerpy 0.30 calls np.find_common_type (removed in NumPy 2) only when two dtypes meet;
     # we always pass float32 images and int64 labels, so no shim is installed.
-    import foolbox
-
-    return foolbox
+    return optional.require("foolbox", "eval", "DeepFool and C&W (foolbox)")
 
 
 def project_linf(clean, adversarial, eps: float) -> np.ndarray:
