@@ -220,3 +220,39 @@ def check_composition(record: dict | None, purifier, purifier_path: str | None =
     for problem in problems:
         warnings.warn(problem, PurifierMismatchWarning, stacklevel=2)
     return problems
+
+
+def evaluation_problems(classifier_path: str, purifier, purifier_path: str | None = None,
+                        purified_classifier_path: str | None = None) -> tuple[list[str],
+                                                                               dict | None]:
+    """The purifier mismatches of an evaluation that composes the classifier at
+    ``classifier_path`` with no purifier (the undefended and baseline rows) and with
+    ``purifier`` (the ``comdefend`` rows), and the classifier at ``purified_classifier_path``
+    with ``purifier`` (the ``comdefend_train_test`` rows), each also warned
+    (``PurifierMismatchWarning``).
+
+    Returns:
+      ``(messages, record)``: the messages (empty when everything matches; a clean-trained
+      main classifier is the test-time mode, not a mismatch) and the purified classifier's
+      record (None without one, or when it records no purifier, which is a mismatch too).
+    """
+    messages = []
+    main_record = read_classifier_purifier(classifier_path)
+    if main_record is not None:
+        messages += check_composition(main_record, None, None, "--classifier_dir")
+        if purifier is not None:
+            messages += check_composition(main_record, purifier, purifier_path,
+                                          "--classifier_dir")
+    record = None
+    if purified_classifier_path is not None:
+        record = read_classifier_purifier(purified_classifier_path)
+        if record is None:
+            message = (f"the purified classifier {purified_classifier_path} records no purifier "
+                       "(it was trained on clean images): its comdefend_train_test rows are "
+                       "another test-time defense")
+            warnings.warn(message, PurifierMismatchWarning, stacklevel=2)
+            messages.append(message)
+        else:
+            messages += check_composition(record, purifier, purifier_path,
+                                          "the purified classifier")
+    return messages, record

@@ -108,3 +108,31 @@ def test_purify_manifest_names_the_purifier(purifier_dir, tmp_path):
         provenance.manifest_record(found)
     with pytest.raises(FileNotFoundError, match="no purify manifest"):
         provenance.manifest_record(str(tmp_path / "nowhere"))
+
+
+def test_an_evaluations_compositions_are_all_checked(purifier_dir, tmp_path):
+    purifier = load_comdefend(purifier_dir)
+    record = provenance.purifier_record(purifier, purifier_dir)
+    clean_dir, purified_dir = tmp_path / "clean", tmp_path / "purified"
+    clean_dir.mkdir()
+    purified_dir.mkdir()
+    (clean_dir / "metrics.json").write_text(json.dumps({"held_out_accuracy": 0.9}))
+    (purified_dir / "metrics.json").write_text(json.dumps({provenance.PURIFIER_KEY: record}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert provenance.evaluation_problems(str(clean_dir), purifier, purifier_dir,
+                                              str(purified_dir)) == ([], record)
+    other = ComDefend(get_config("tiny", input_channels=1), seed=3)
+    with pytest.warns(provenance.PurifierMismatchWarning):
+        messages, _ = provenance.evaluation_problems(str(clean_dir), other, "other",
+                                                     str(purified_dir))
+    assert len(messages) == 1 and "the purified classifier" in messages[0]
+    # The purified classifier passed as the main one: without a purifier (undefended and
+    # baseline rows) is a mismatch, behind its own purifier is not.
+    with pytest.warns(provenance.PurifierMismatchWarning, match="without a purifier"):
+        messages, _ = provenance.evaluation_problems(str(purified_dir), purifier, purifier_dir)
+    assert len(messages) == 1
+    with pytest.warns(provenance.PurifierMismatchWarning, match="records no purifier"):
+        messages, found = provenance.evaluation_problems(str(clean_dir), purifier, purifier_dir,
+                                                         str(clean_dir))
+    assert found is None and len(messages) == 1
