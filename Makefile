@@ -34,3 +34,24 @@ bazel-test: $(STAMP)
 # Quick Bazel check: BUILD deps match imports, every target builds, two fast tests (~1 min).
 bazel-check: $(STAMP)
 	bash tools/bazel_test.sh --quick
+
+# The core's wheels at the pinned versions (requirements.txt as constraints), downloaded once
+# into .wheelhouse for the offline fresh-venv check below.
+WHEELHOUSE ?= .wheelhouse
+WHEELHOUSE_STAMP := $(WHEELHOUSE)/.complete
+
+.PHONY: wheelhouse wheel-check
+
+wheelhouse: $(WHEELHOUSE_STAMP)
+
+$(WHEELHOUSE_STAMP): $(STAMP) pyproject.toml requirements.txt
+	rm -rf $(WHEELHOUSE)
+	$(VENV)/bin/pip download --quiet --no-build-isolation -c requirements.txt -d $(WHEELHOUSE) .
+	touch $@
+
+# Builds the wheel, installs its core alone into a fresh venv offline (--no-index
+# --find-links $(WHEELHOUSE)), then trains, purifies and exports with it (tools/wheel_check.py;
+# about 1.5 min on 2 idle cores). The same check runs in `make test` when .wheelhouse exists
+# (tests/test_packaging.py, marker wheel_check).
+wheel-check: $(WHEELHOUSE_STAMP)
+	$(PY) tools/wheel_check.py --wheelhouse=$(WHEELHOUSE)
