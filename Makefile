@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUNS ?= runs/demo
 STAMP := $(VENV)/.installed
+# The core's wheels at the pinned versions, for the offline fresh-venv check (make wheelhouse).
+WHEELHOUSE ?= .wheelhouse
+WHEELHOUSE_STAMP := $(WHEELHOUSE)/.complete
 
 .PHONY: venv demo test clean-demo bazel-test bazel-check
 
@@ -37,9 +40,6 @@ bazel-check: $(STAMP)
 
 # The core's wheels at the pinned versions (requirements.txt as constraints), downloaded once
 # into .wheelhouse for the offline fresh-venv check below.
-WHEELHOUSE ?= .wheelhouse
-WHEELHOUSE_STAMP := $(WHEELHOUSE)/.complete
-
 .PHONY: wheelhouse wheel-check
 
 wheelhouse: $(WHEELHOUSE_STAMP)
