@@ -94,7 +94,7 @@ def plot_figure4(rows, clean_accuracy: dict, path: str, threat_models=None,
                          "comdefend_train_test)")
     plt = report._pyplot()
     figure, axes = plt.subplots(len(threat_models), 1,
-                                figsize=(8.0, 3.4 * len(threat_models)), squeeze=False)
+                                figsize=(8.0, 3.2 * len(threat_models) + 0.7), squeeze=False)
     width = 0.8 / len(defenses)
     for axis, threat_model in zip(axes[:, 0], threat_models):
         bars = figure4_table(rows, clean_accuracy, threat_model, eps, defenses)
@@ -126,10 +126,15 @@ def plot_figure4(rows, clean_accuracy: dict, path: str, threat_models=None,
         axis.set_ylabel("accuracy (%)")
         axis.set_title(f"{threat_model} attacker (undefended: white box)", fontsize=9)
         axis.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(fontsize=7, loc="lower left")
+    # Legend (and title) above the panels, in inches converted to figure fractions.
+    height = figure.get_figheight()
+    title_room = 0.3 / height if title else 0.0
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="upper center", ncol=len(defenses), fontsize=8,
+                  bbox_to_anchor=(0.5, 1.0 - title_room))
     if title:
-        figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
+        figure.suptitle(title, fontsize=10, y=0.995)
+    figure.tight_layout(rect=(0, 0, 1, 1.0 - title_room - 0.4 / height))
     report._save_figure(figure, path)
     plt.close(figure)
     return path

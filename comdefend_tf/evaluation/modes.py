@@ -41,7 +41,8 @@ def _renamed(rows, classifier_label):
             continue
         row = dict(row, defense=TRAIN_TEST, classifier=classifier_label)
         if "defense_label" in row:
-            row["defense_label"] = f"{row['defense_label']}, classifier trained on purified"
+            # "comdefend(...)" -> "comdefend_train_test(...)": the purifier's own description.
+            row["defense_label"] = row["defense_label"].replace(TEST_TIME, TRAIN_TEST, 1)
         renamed.append(row)
     return renamed
 
