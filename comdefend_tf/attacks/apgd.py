@@ -54,6 +54,8 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
+from comdefend_tf.attacks.constraints import clean_batch
+
 LOSSES = ("ce", "dlr")
 NORMS = ("linf", "l2")
 MOMENTUM = 0.75
@@ -415,13 +417,7 @@ def _check_inputs(images, labels, eps, norm, steps, restarts, eot_iter):
     if steps < 1 or restarts < 1 or eot_iter < 1:
         raise ValueError(f"steps, restarts and eot_iter must be >= 1, got {steps}, {restarts}, "
                          f"{eot_iter}")
-    images = np.asarray(images, np.float32)
-    labels = np.asarray(labels, np.int64)
-    if images.ndim != 4 or labels.shape != images.shape[:1]:
-        raise ValueError(f"expected images [N, H, W, C] and labels [N], got {images.shape} and "
-                         f"{labels.shape}")
-    if images.size and (images.min() < 0.0 or images.max() > 1.0):
-        raise ValueError("images must lie in [0, 1]")
+    images, labels = clean_batch(images, labels)
     return images, labels
 
 

@@ -25,6 +25,19 @@ def perturbation_norms(clean, adversarial, norm: str) -> np.ndarray:
     return np.sqrt(np.sum(np.square(delta), axis=1))
 
 
+def clean_batch(images, labels) -> tuple[np.ndarray, np.ndarray]:
+    """Validates an attack's inputs: images float32 ``[N, H, W, C]`` in [0, 1] and int64 labels
+    ``[N]``; returns them as numpy arrays or raises ValueError naming what is wrong."""
+    images = np.asarray(images, np.float32)
+    labels = np.asarray(labels, np.int64)
+    if images.ndim != 4 or labels.shape != images.shape[:1]:
+        raise ValueError(f"expected images [N, H, W, C] and labels [N], got {images.shape} and "
+                         f"{labels.shape}")
+    if images.size and (images.min() < 0.0 or images.max() > 1.0):
+        raise ValueError("images must lie in [0, 1]")
+    return images, labels
+
+
 def check_adversarial(clean, adversarial, eps, norm: str, clip=(0.0, 1.0), atol: float = 1e-5):
     """Raises ValueError unless every adversarial example is finite, inside ``clip`` and within
     ``eps`` (+ ``atol``) of its clean image in ``norm``.

@@ -47,6 +47,8 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
+from comdefend_tf.attacks.constraints import clean_batch
+
 NORMS = ("linf", "l2")
 DEFAULT_P_INIT = 0.8
 _SCHEDULE = ((10, 2), (50, 4), (200, 8), (500, 16), (1000, 32), (2000, 64), (4000, 128),
@@ -259,13 +261,7 @@ def square(model, images, labels, eps: float, norm: str = "linf", queries: int =
         raise ValueError(f"p_init must be in (0, 1], got {p_init}")
     if eot_draws < 1:
         raise ValueError(f"eot_draws must be >= 1, got {eot_draws}")
-    images = np.asarray(images, np.float32)
-    labels = np.asarray(labels, np.int64)
-    if images.ndim != 4 or labels.shape != images.shape[:1]:
-        raise ValueError(f"expected images [N, H, W, C] and labels [N], got {images.shape} and "
-                         f"{labels.shape}")
-    if images.size and (images.min() < 0.0 or images.max() > 1.0):
-        raise ValueError("images must lie in [0, 1]")
+    images, labels = clean_batch(images, labels)
     count = len(images)
     batch_size = batch_size or max(count, 1)
     forward = _forward(model, images.shape[1:])
