@@ -268,8 +268,10 @@ def test_installed_wheel_has_one_top_level_package_and_every_script_lists_its_fl
                                       python_path=(str(target),))
     sources = wheel_check.binaries(REPO_ROOT)
     problems = []
-    for script, module in sorted(wheel_check.script_programs(wheel).items()):
-        result, audit = runner.run(script, "--help", timeout=300)
+    programs = wheel_check.script_programs(wheel)
+    helps = wheel_check.run_helps(runner, sorted(programs))
+    for script, module in sorted(programs.items()):
+        result, audit = helps[script]
         problems += wheel_check.help_problems(script, result,
                                               wheel_check.defined_flags(sources[module]))
         if audit is None or not audit["comdefend_tf"] or not os.path.realpath(
