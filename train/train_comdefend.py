@@ -121,7 +121,7 @@ def main(argv):
           f"mode {config.train_mode}, strategy {FLAGS.strategy}, precision {chosen_precision}")
     log_dir = os.path.join(FLAGS.model_dir, training.LOG_SUBDIR)
     callbacks = []
-    if FLAGS.summary_images:
+    if FLAGS.summary_images and FLAGS.strategy != "multi_worker":  # callbacks are fit's
         callbacks.append(summaries.HeldOutImages(
             summaries.held_out_examples(image_data.test, FLAGS.summary_images), log_dir))
     try:
