@@ -73,6 +73,7 @@ from typing import Callable
 import keras
 import tensorflow as tf
 
+from comdefend_tf import provenance
 from comdefend_tf.model import ComDefend
 from comdefend_tf.patches import receptive_field_radius
 
@@ -759,7 +760,13 @@ def next_version(export_base: str) -> int:
 
 
 def export_metadata(purifier: ComDefend, classifier: keras.Model | None,
-                    settings: ExportSettings, version: int) -> dict:
+                    settings: ExportSettings, version: int,
+                    classifier_record: dict | None = None,
+                    provenance_warnings=()) -> dict:
+    """The ``comdefend_export.json`` contents. ``defense_mode``: ``test_time`` (a classifier
+    trained on clean images), ``train_and_test_time`` (one trained behind a purifier:
+    ``classifier_record``, ``provenance.read_classifier_purifier``) or ``purify_only`` (no
+    classifier); ``provenance_warnings``: the purifier mismatches found at export."""
     signatures = ([SIGNATURE_CLASSIFY] if classifier is not None else []) + [
         SIGNATURE_PURIFY, SIGNATURE_PURIFY_BYTES]
     overlap = (receptive_field_radius(purifier.config) if settings.patch_overlap is None
@@ -780,7 +787,12 @@ def export_metadata(purifier: ComDefend, classifier: keras.Model | None,
             "signatures": signatures, "serving_default": signatures[0],
             "classifier": None if classifier is None else classifier.name,
             "classifier_height_width": (None if classifier is None
-                                        else classifier_height_width(classifier))}
+                                        else classifier_height_width(classifier)),
+            "defense_mode": ("purify_only" if classifier is None
+                             else provenance.defense_mode(classifier_record, purifier)),
+            "purifier_fingerprint": provenance.weights_fingerprint(purifier),
+            "classifier_trained_behind_purifier": classifier_record,
+            "provenance_warnings": list(provenance_warnings)}
 
 
 def _write_version(archive, folder: str, metadata: dict) -> None:
@@ -850,7 +862,8 @@ def remove_stale_temporaries(export_base: str) -> list[str]:
 
 def export_savedmodel(purifier: ComDefend, export_base: str, classifier: keras.Model | None = None,
                       settings: ExportSettings = ExportSettings(), version: int | None = None,
-                      overwrite: bool = False) -> str:
+                      overwrite: bool = False, classifier_record: dict | None = None,
+                      purifier_path: str | None = None) -> str:
     """Writes ``export_base/VERSION/`` (a SavedModel TF Serving can load) atomically.
 
     The version is built in a hidden temporary folder beside it (``.partial-VERSION-pidPID-*``,
@@ -867,6 +880,12 @@ def export_savedmodel(purifier: ComDefend, export_base: str, classifier: keras.M
       overwrite: replace an existing version (otherwise ``FileExistsError``). The old folder
         is moved aside and the new one renamed in: in between, for two renames, the version is
         absent (never partial).
+      classifier_record: the purifier the classifier was trained behind
+        (``provenance.read_classifier_purifier``; None: trained on clean images). A record
+        naming another purifier than ``purifier`` (weights or inference settings) is warned
+        about (``provenance.PurifierMismatchWarning``) and listed in the metadata's
+        ``provenance_warnings``; the metadata's ``defense_mode`` follows from it.
+      purifier_path: where ``purifier`` came from (named in those warnings).
 
     Returns:
       the absolute path of the written version folder.
@@ -880,13 +899,16 @@ def export_savedmodel(purifier: ComDefend, export_base: str, classifier: keras.M
     if os.path.exists(final) and not overwrite:
         raise FileExistsError(f"export version {final} already exists; pass overwrite=True "
                               f"(--overwrite) to replace it or choose another version")
+    mismatches = (provenance.check_composition(classifier_record, purifier, purifier_path)
+                  if classifier is not None else [])
     archive = build_export_archive(purifier, classifier, settings)
     os.makedirs(export_base, exist_ok=True)
     remove_stale_temporaries(export_base)
     partial = tempfile.mkdtemp(prefix=_temp_name(".partial-", version), dir=export_base)
     try:
         _write_version(archive, partial,
-                       export_metadata(purifier, classifier, settings, version))
+                       export_metadata(purifier, classifier, settings, version,
+                                       classifier_record, mismatches))
         _fsync_tree(partial)
         if os.path.exists(final):
             if not overwrite:

@@ -79,7 +79,9 @@ def settings_from_flags():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from comdefend_tf import classifiers, model as model_lib, precision, serving
+    import warnings
+
+    from comdefend_tf import classifiers, model as model_lib, precision, provenance, serving
 
     try:
         settings = settings_from_flags()
@@ -87,9 +89,14 @@ def main(argv):
         purifier = precision.select_for_inference(purifier, FLAGS.precision).model
         classifier = (classifiers.load_classifier(FLAGS.classifier_dir)
                       if FLAGS.classifier_dir else None)
-        version_dir = serving.export_savedmodel(
-            purifier, FLAGS.export_base, classifier=classifier, settings=settings,
-            version=FLAGS.version, overwrite=FLAGS.overwrite)
+        record = (provenance.read_classifier_purifier(FLAGS.classifier_dir)
+                  if FLAGS.classifier_dir else None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", provenance.PurifierMismatchWarning)
+            version_dir = serving.export_savedmodel(
+                purifier, FLAGS.export_base, classifier=classifier, settings=settings,
+                version=FLAGS.version, overwrite=FLAGS.overwrite, classifier_record=record,
+                purifier_path=FLAGS.comdefend_dir)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"export_savedmodel: {error}", file=sys.stderr)
         return 1
@@ -104,7 +111,15 @@ def main(argv):
         print(f"Warning: --noise_seed={settings.noise_seed} makes the served noise reproducible "
               "in every process that loads this export, hence predictable by anyone who has "
               "it; export without --noise_seed for production.", file=sys.stderr)
-    print(f"Exported SavedModel: {version_dir}")
+    for warning in caught:
+        if issubclass(warning.category, provenance.PurifierMismatchWarning):
+            print(f"Warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename,
+                                 warning.lineno)
+    mode = ("purify only" if classifier is None else
+            provenance.defense_mode(record, purifier).replace("_", " "))
+    print(f"Exported SavedModel: {version_dir} (defense mode: {mode})")
     print(f"Signatures: {', '.join(signatures)}; serving_default = {signatures[0]}")
     print(f"Inspect it:  {commands['show']}")
     print(f"Run it:      {commands['sample']} && {commands['run']}")

@@ -113,3 +113,40 @@ def test_bad_flags_fail_with_clear_messages(folder_setup, tmp_path):
         assert process.returncode != 0, name
         assert cases[name][1] in stderr, (name, stderr[-1500:])
     assert not os.path.exists(tmp_path / "results.json")
+
+
+def test_both_defense_modes_side_by_side_with_figure4(folder_setup):
+    folder, classifier_dir, comdefend_dir, root, _ = folder_setup
+    purified_dir = root / "classifier_purified"
+    trained = _run("train.train_classifier", f"--dataset=folder:{folder}", "--epochs=6",
+                   "--batch_size=32", "--learning_rate=2e-3", f"--purifier_dir={comdefend_dir}",
+                   f"--model_dir={purified_dir}")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "Trained behind purifier" in trained.stdout
+    output_dir = root / "modes"
+    result = _run("train.evaluate", f"--dataset=folder:{folder}",
+                  f"--classifier_dir={classifier_dir}", f"--comdefend_dir={comdefend_dir}",
+                  f"--purified_classifier_dir={purified_dir}", "--attacks=fgsm", "--eps=0.3",
+                  "--num_examples=12", "--defenses=comdefend",
+                  "--threat_models=oblivious,bpda_eot", f"--output_dir={output_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "PurifierMismatchWarning" not in result.stderr
+    with open(output_dir / "results.json") as handle:
+        payload = json.load(handle)
+    # fgsm at one eps: 1 undefended row + 2 threat models x 2 modes.
+    assert len(payload["rows"]) == 5
+    assert set(payload["clean_accuracy"]) == {"none", "comdefend", "comdefend_train_test"}
+    modes = {row["defense"]: row for row in payload["rows"] if row["threat_model"] == "bpda_eot"}
+    assert set(modes["comdefend_train_test"]) == set(modes["comdefend"])
+    with open(output_dir / "results.md") as handle:
+        assert "comdefend_train_test: at training and test time" in handle.read()
+    with open(output_dir / "figure4_modes.png", "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    # The retrained classifier used without its purifier (as --classifier_dir, undefended).
+    mismatch = _run("train.evaluate", f"--dataset=folder:{folder}",
+                    f"--classifier_dir={purified_dir}", "--attacks=fgsm", "--eps=0.3",
+                    "--num_examples=4", "--defenses=none", f"--output_dir={root / 'alone'}")
+    assert mismatch.returncode == 0, mismatch.stderr[-3000:]
+    assert "used without a purifier" in mismatch.stderr
+    with open(root / "alone" / "results.json") as handle:
+        assert handle.read().count("used without a purifier") == 1

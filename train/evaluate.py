@@ -12,6 +12,15 @@ bpda_identity (the whole defense is the identity backward), with EOT over --eot_
 draws when the purifier is randomized. Writes results.json, results.md (the table printed at
 the end, with CPU-seconds), accuracy_vs_eps.png and purification_grid.png (the paper's Figure
 3 layout) into --output_dir. The protocol lives in comdefend_tf/evaluation/paper.py.
+
+With --purified_classifier_dir (a classifier trained behind --comdefend_dir:
+train_classifier --purifier_dir) both of the paper's defense modes are reported side by side:
+comdefend (test time: the purifier before --classifier_dir) and comdefend_train_test (training
+and test time: the purifier before the retrained classifier), in every threat model (the
+attacker differentiates the whole pipeline with the retrained classifier), plus
+figure4_modes.png (the paper's Figure 4 layout; comdefend_tf/evaluation/modes.py, figure4.py).
+A classifier composed with another purifier than the one it was trained behind, or trained
+behind one and used without it, is warned about (stderr and results.md).
 """
 
 import os
@@ -25,8 +34,8 @@ from comdefend_tf import attacks as attacks_lib
 from comdefend_tf import classifiers
 from comdefend_tf import data as data_lib
 from comdefend_tf import defenses as defenses_lib
-from comdefend_tf import precision
-from comdefend_tf.evaluation import cpu_time, paper, report, threat_models
+from comdefend_tf import precision, provenance
+from comdefend_tf.evaluation import cpu_time, figure4, modes, paper, report, threat_models
 from comdefend_tf.model import load_comdefend
 from train import flags_common
 
@@ -35,6 +44,10 @@ flags.DEFINE_string("classifier_dir", None, "Directory holding classifier.keras 
                     "(python -m train.train_classifier), or the .keras file.")
 flags.DEFINE_string("comdefend_dir", None, "Directory holding comdefend.keras "
                     "(python -m train.train_comdefend); needed for the comdefend defense.")
+flags.DEFINE_string("purified_classifier_dir", None, "A classifier trained behind "
+                    "--comdefend_dir (python -m train.train_classifier --purifier_dir): adds the "
+                    "defense comdefend_train_test (the paper's training-and-test-time mode) "
+                    "beside comdefend (test time) and writes figure4_modes.png.")
 flags.DEFINE_list("attacks", ["fgsm", "bim", "pgd", "mim", "cw_l2", "deepfool"],
                   f"Comma list from: {', '.join(attacks_lib.ATTACK_NAMES)}.")
 flags.DEFINE_list("eps", ["0.1", "0.3"], "Comma list of L-inf budgets in [0, 1] (pixel scale "
@@ -125,6 +138,14 @@ def _check_classifier(path):
     return True
 
 
+@flags.multi_flags_validator(["defenses", "purified_classifier_dir"])
+def _check_purified_classifier(values):
+    if values["purified_classifier_dir"] and "comdefend" not in values["defenses"]:
+        raise flags.ValidationError("--purified_classifier_dir is evaluated behind ComDefend: "
+                                    "keep comdefend in --defenses")
+    return True
+
+
 @flags.multi_flags_validator(["defenses", "comdefend_dir"])
 def _check_comdefend(values):
     if "comdefend" in values["defenses"] and not values["comdefend_dir"]:
@@ -158,6 +179,10 @@ def main(argv):
             purifier = load_comdefend(FLAGS.comdefend_dir,
                                       inference_noise_std=FLAGS.inference_noise_std,
                                       seed=FLAGS.seed)
+        purified_classifier = (classifiers.load_classifier(FLAGS.purified_classifier_dir)
+                               if FLAGS.purified_classifier_dir else None)
+        mismatches, purified_record = provenance.evaluation_problems(
+            FLAGS.classifier_dir, purifier, FLAGS.comdefend_dir, FLAGS.purified_classifier_dir)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     expected = tuple(classifier.input_shape[1:])
@@ -194,18 +219,28 @@ def main(argv):
           f"{', '.join(FLAGS.eps)}; threat models {', '.join(threat_model_names)}; defenses "
           f"{', '.join(defenses)}" + (f"; purifier inference noise std {noise}"
                                       if purifier is not None else ""))
+    settings = dict(threat_models=threat_model_names, steps=steps,
+                    eot_samples=FLAGS.eot_samples, batch_size=FLAGS.batch_size,
+                    attack_options=options)
+    eps_values = [float(e) for e in FLAGS.eps]
     try:
-        result = paper.evaluate(
-            classifier, defenses, images, labels, FLAGS.attacks, [float(e) for e in FLAGS.eps],
-            threat_models=threat_model_names, steps=steps, eot_samples=FLAGS.eot_samples,
-            batch_size=FLAGS.batch_size, attack_options=options)
+        if purified_classifier is None:
+            result = paper.evaluate(classifier, defenses, images, labels, FLAGS.attacks,
+                                    eps_values, **settings)
+        else:
+            result = modes.evaluate_paper_modes(classifier, purified_classifier, defenses,
+                                                images, labels, FLAGS.attacks, eps_values,
+                                                purifier_record=purified_record, **settings)
     except ValueError as error:
         sys.exit(f"error: {error}")
     seconds = time.perf_counter() - started
     metadata = {"dataset": image_data.name, "classifier": FLAGS.classifier_dir,
                 "comdefend": FLAGS.comdefend_dir, "seed": FLAGS.seed,
+                "purified_classifier": FLAGS.purified_classifier_dir,
                 "purifier_inference_noise_std": noise, "wall_seconds": round(seconds, 1),
                 "cpu_seconds": round(cpu_time.process_cpu_seconds(), 1)}
+    if mismatches:
+        metadata["provenance_warnings"] = mismatches
     paths = report.write_results(result, FLAGS.output_dir, metadata)
     plot_path = report.plot_accuracy_vs_eps(
         result, os.path.join(FLAGS.output_dir, report.ACCURACY_PLOT))
@@ -225,8 +260,16 @@ def main(argv):
     print("Clean accuracy: " + ", ".join(f"{name} {100 * value:.1f} %"
                                          for name, value in result.clean_accuracy.items()))
     print(report.cpu_line(metadata, len(images)))
-    print(f"Wrote {paths['markdown']}, {paths['json']}, {plot_path} and {grid_path} "
-          f"({seconds:.0f} s)")
+    written = [paths["markdown"], paths["json"], plot_path, grid_path]
+    if purified_classifier is not None:
+        written.append(figure4.plot_figure4(
+            result.rows, result.clean_accuracy,
+            os.path.join(FLAGS.output_dir, figure4.FIGURE4_PLOT),
+            title=f"{image_data.name}, N = {len(images)}: undefended, ComDefend at test time "
+                  "and at training and test time"))
+    for warning in mismatches:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"Wrote {', '.join(written)} ({seconds:.0f} s)")
 
 
 def run():

@@ -6,6 +6,10 @@ strict and majority worst case per example, run as a cascade, with CPU-seconds.
         --output_dir=runs/robustness
 
 Writes OUTPUT_DIR/robustness_report.md, robustness_report.json and worst_case_vs_eps.png.
+With --purified_classifier_dir (a classifier trained behind --comdefend_dir) the protocol also
+runs on ComDefend at training and test time (defense comdefend_train_test: every threat model
+attacks the pipeline with the retrained classifier; comdefend_tf/evaluation/modes.py), beside
+comdefend (test time). Purifier mismatches (provenance) are warned about.
 This binary parses flags and calls comdefend_tf.evaluation (adaptive: the protocol; report:
 the files); the threat models, the scoring and the cascade are documented there.
 """
@@ -29,6 +33,9 @@ flags.DEFINE_string("comdefend_dir", None, "Directory (or .keras file) of the tr
 flags.DEFINE_string("second_classifier_dir", None, "An independently trained classifier: when "
                     "given, the transfer threat model runs on every defense. The same file, or "
                     "a copy of the same weights, is refused.")
+flags.DEFINE_string("purified_classifier_dir", None, "A classifier trained behind "
+                    "--comdefend_dir (train_classifier --purifier_dir): adds the defense "
+                    "comdefend_train_test (the paper's training-and-test-time mode).")
 flags.DEFINE_float("inference_noise_std", None, "Override ComDefend's inference noise std "
                    "(default: the saved model's; 0 makes it deterministic).", lower_bound=0)
 flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16", "auto"],
@@ -147,6 +154,9 @@ def build_protocol(image_shape):
     if "comdefend" in protocol.defenses and not FLAGS.comdefend_dir:
         raise app.UsageError("defense comdefend needs --comdefend_dir; or leave it out of "
                              "--defenses")
+    if FLAGS.purified_classifier_dir and "comdefend" not in protocol.defenses:
+        raise app.UsageError("--purified_classifier_dir is evaluated behind ComDefend: keep "
+                             "comdefend in --defenses")
     return protocol
 
 
@@ -163,8 +173,8 @@ def main(argv):
     from comdefend_tf import data as data_lib
     from comdefend_tf import defenses as defenses_lib
     from comdefend_tf import model as model_lib
-    from comdefend_tf import precision
-    from comdefend_tf.evaluation import adaptive, checks, cpu_time, report
+    from comdefend_tf import precision, provenance
+    from comdefend_tf.evaluation import adaptive, checks, cpu_time, modes, report
 
     try:
         image_data = data_lib.load_dataset(FLAGS.dataset, color_mode=FLAGS.color_mode,
@@ -192,6 +202,10 @@ def main(argv):
             name, jpeg_quality=FLAGS.jpeg_quality, bit_depth=FLAGS.bit_depth,
             median_size=FLAGS.median_size)
             for name in protocol.defenses if name in adaptive.BASELINE_DEFENSES}
+        purified_classifier = (classifiers.load_classifier(FLAGS.purified_classifier_dir)
+                               if FLAGS.purified_classifier_dir else None)
+        mismatches, purified_record = provenance.evaluation_problems(
+            FLAGS.classifier_dir, purifier, FLAGS.comdefend_dir, FLAGS.purified_classifier_dir)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     images, labels = data_lib.take_arrays(image_data.test, FLAGS.num_examples)
@@ -215,7 +229,11 @@ def main(argv):
         def progress(description):
             bar.set_postfix_str(description)
             bar.update(1)
-        results = evaluation.run(progress)
+        if purified_classifier is None:
+            results = evaluation.run(progress)
+        else:
+            results = modes.run_adaptive_modes(models, purified_classifier, images, labels,
+                                               protocol, progress, purified_record)
     metadata = {"dataset": image_data.name, "classifier_dir": FLAGS.classifier_dir,
                 "comdefend_dir": FLAGS.comdefend_dir,
                 "second_classifier_dir": FLAGS.second_classifier_dir,
@@ -226,9 +244,14 @@ def main(argv):
                               for name, layer in baselines.items()},
                 "wall_seconds": time.time() - start,
                 "cpu_seconds": cpu_time.process_cpu_seconds(),
+                "purified_classifier_dir": FLAGS.purified_classifier_dir,
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
+    if mismatches:
+        metadata["provenance_warnings"] = mismatches
     paths = report.write_robustness_report(results, FLAGS.output_dir, metadata)
     print(paths["text"])
+    for warning in mismatches:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"Wrote {paths['markdown']}, {paths['json']} and {paths['plot']}")
 
 

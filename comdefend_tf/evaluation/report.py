@@ -108,6 +108,16 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
+_MODES_NOTE = (
+    "- comdefend: ComDefend at test time (the purifier before the classifier trained on clean "
+    "images); comdefend_train_test: at training and test time (the purifier before a "
+    "classifier trained on purified images; column classifier = purified in results.json). "
+    "Its rows attack that pipeline: oblivious = the retrained classifier alone, bpda_* = the "
+    "whole pipeline with it; its undefended attack success rate is measured on the retrained "
+    "classifier without the purifier (clean accuracy there: {alone} %). figure4_modes.png: "
+    "the paper's Figure 4 layout.")
+
+
 def write_results(evaluation: paper.Evaluation, output_dir: str,
                   metadata: dict | None = None) -> dict:
     """Writes ``results.json`` (rows, clean accuracies, settings, ``metadata``) and
@@ -147,6 +157,9 @@ def write_results(evaluation: paper.Evaluation, output_dir: str,
         "- eps: L-inf budget on [0, 1] pixels; min-norm: C&W-L2, unbounded, reported by its "
         f"mean L2. Step sizes: {settings['step_size_rule']}.",
     ]
+    if "modes" in settings:
+        notes.append(_MODES_NOTE.format(
+            alone=_pct(settings["modes"]["purified_classifier_without_purifier"])))
     line = cpu_line(metadata, settings["num_examples"])
     if line:
         notes.append(f"- {line}")
@@ -272,6 +285,17 @@ def format_robustness_markdown(results: dict, metadata: dict) -> str:
         f"{settings['eot_samples'] if results['randomized'] else 1}. Accuracies in %. EOT: "
         "the APGD loss gradient is averaged over K noise draws per step (AutoAttack's form); "
         "Square scores each candidate over its draws.")
+    if "modes" in settings:
+        alone = settings["modes"]["purified_classifier_without_purifier"]
+        lines.append("")
+        lines.append(
+            "Two defense modes: `comdefend` is ComDefend at test time (the purifier before the "
+            "classifier trained on clean images), `comdefend_train_test` at training and test "
+            "time (the purifier before a classifier trained on purified images). Every threat "
+            "model of `comdefend_train_test` attacks that pipeline (oblivious: the retrained "
+            "classifier alone; bpda_*: the whole pipeline with it); its `undefended_success` "
+            "is measured on the retrained classifier without the purifier (clean accuracy "
+            f"there: {_pct(alone)} %).")
     lines.append("")
     line = cpu_line(metadata, n)
     if line:
@@ -399,7 +423,8 @@ def plot_worst_case(results: dict, path: str) -> str:
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
     for index, (defense_name, label) in enumerate(
             (("none", "undefended"), ("comdefend", "ComDefend"),
-             (baseline, f"best baseline ({baseline})"))):
+             (baseline, f"best baseline ({baseline})"),
+             ("comdefend_train_test", "ComDefend, training and test time"))):
         own = sorted((r for r in rows if r["defense"] == defense_name), key=lambda r: r["eps"])
         clean = results["clean"].get(defense_name)
         if defense_name is None or not own or clean is None:
