@@ -37,7 +37,11 @@ from comdefend_tf import defenses as defenses_lib
 from comdefend_tf import precision, provenance
 from comdefend_tf.evaluation import cpu_time, figure4, modes, paper, report, threat_models
 from comdefend_tf.model import load_comdefend
-from train import flags_common
+
+if __package__:  # python -m train.evaluate, or installed as comdefend_tf.train
+    from . import flags_common
+else:  # run as a script (bazel run //train:evaluate): the runfiles root is on sys.path
+    from train import flags_common
 
 flags_common.define_data_flags()
 flags.DEFINE_string("classifier_dir", None, "Directory holding classifier.keras "

@@ -20,6 +20,7 @@ import os
 import numpy as np
 
 from comdefend_tf import attacks as attacks_lib
+from comdefend_tf import optional
 from comdefend_tf.evaluation import adaptive, paper
 from comdefend_tf.files import write_json_atomic
 
@@ -172,8 +173,7 @@ def write_results(evaluation: paper.Evaluation, output_dir: str,
 
 
 def _pyplot():
-    import matplotlib
-
+    matplotlib = optional.require("matplotlib", "eval", "the evaluation's figures")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
