@@ -31,7 +31,10 @@ from absl import app, flags
 from comdefend_tf import classifiers
 from comdefend_tf import data as data_lib
 from comdefend_tf import provenance, training
-from train import flags_common
+if __package__:  # python -m train.train_classifier, or installed as comdefend_tf.train
+    from . import flags_common
+else:  # run as a script (bazel run //train:train_classifier): the runfiles root is on sys.path
+    from train import flags_common
 
 flags_common.define_data_flags()
 flags.DEFINE_enum("architecture", "auto", classifiers.ARCHITECTURES,
