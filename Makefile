@@ -23,7 +23,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 demo: $(STAMP)
 	bash tools/demo.sh $(RUNS)
 
-test: $(STAMP)
+test: $(STAMP) $(WHEELHOUSE_STAMP)
 	$(PY) -m pytest -q -n 2 --durations=15 tests
 
 clean-demo:
