@@ -372,14 +372,8 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
     os.makedirs(model_dir, exist_ok=True)
     if init_classifier_dir is None:
         architecture = choose_architecture(image_data.image_shape, architecture)
-    batches_per_pass = image_data.num_train // batch_size if image_data.num_train else None
-    if batches_per_pass == 0:
-        raise ValueError(f"batch_size {batch_size} exceeds the {image_data.num_train} training "
-                         "images")
-    steps_per_epoch = steps_per_epoch or batches_per_pass
-    if not steps_per_epoch:
-        raise ValueError(f"dataset {image_data.name!r} does not know its size; give "
-                         "steps_per_epoch")
+    batches_per_pass, steps_per_epoch = training.plan_steps(image_data, batch_size,
+                                                            steps_per_epoch)
     total_steps = epochs * steps_per_epoch
     with strategy.scope():
         # The purifier is built in the scope too: its variables (weights and the noise

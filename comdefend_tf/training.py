@@ -95,6 +95,24 @@ class CollapsedModel(TrainingError):
                                                                  margin_db)
 
 
+def plan_steps(image_data, batch_size: int, steps_per_epoch: int | None):
+    """``(batches_per_pass, steps_per_epoch)`` for a run over ``image_data``'s training split.
+
+    ``batches_per_pass`` is None when the dataset does not know its size; ``steps_per_epoch``
+    defaults to one pass. Raises ValueError when the batch is larger than the training set, or
+    the size is unknown and no ``steps_per_epoch`` is given.
+    """
+    batches_per_pass = image_data.num_train // batch_size if image_data.num_train else None
+    if batches_per_pass == 0:
+        raise ValueError(f"batch_size {batch_size} exceeds the {image_data.num_train} training "
+                         "images")
+    steps_per_epoch = steps_per_epoch or batches_per_pass
+    if not steps_per_epoch:
+        raise ValueError(f"dataset {image_data.name!r} does not know its size; give "
+                         "steps_per_epoch")
+    return batches_per_pass, steps_per_epoch
+
+
 def make_strategy(name: str) -> tf.distribute.Strategy:
     """``default`` (one device), ``mirrored`` (all local GPUs, or logical CPU devices) or
     ``multi_worker`` (reads the cluster from the ``TF_CONFIG`` environment variable).
@@ -595,14 +613,7 @@ def train_comdefend(config: ComDefendConfig, image_data: data_lib.ImageData, mod
     if isinstance(strategy, str):
         strategy = make_strategy(strategy)
     os.makedirs(model_dir, exist_ok=True)
-    batches_per_pass = image_data.num_train // batch_size if image_data.num_train else None
-    if batches_per_pass == 0:
-        raise ValueError(f"batch_size {batch_size} exceeds the {image_data.num_train} training "
-                         "images")
-    steps_per_epoch = steps_per_epoch or batches_per_pass
-    if not steps_per_epoch:
-        raise ValueError(f"dataset {image_data.name!r} does not know its size; give "
-                         "steps_per_epoch")
+    batches_per_pass, steps_per_epoch = plan_steps(image_data, batch_size, steps_per_epoch)
     total_steps = epochs * steps_per_epoch
 
     def make_stream(start_step):
