@@ -74,11 +74,14 @@ import keras
 import tensorflow as tf
 
 from comdefend_tf import provenance
+from comdefend_tf.data import TFRECORD_IMAGE_FEATURE
 from comdefend_tf.model import ComDefend
 from comdefend_tf.patches import receptive_field_radius
 
 SIGNATURE_PURIFY = "purify"
 SIGNATURE_PURIFY_BYTES = "purify_bytes"
+SIGNATURE_PURIFY_EXAMPLES = "purify_examples"
+INPUT_EXAMPLES = "examples"
 SIGNATURE_CLASSIFY = "classify"
 SIGNATURE_DEFAULT = "serving_default"
 INPUT_IMAGES = "images"
@@ -663,8 +666,8 @@ def build_serving_functions(purifier: ComDefend, classifier: keras.Model | None 
     def purify(images):
         return core(checked_images(images), stream=1)
 
-    @tf.function(input_signature=[tf.TensorSpec(None, tf.string, name=INPUT_IMAGE_BYTES)])
-    def purify_bytes(image_bytes):
+    def purify_encoded(image_bytes, stream):
+        """Encoded PNG/JPEG strings (any shape; checked to be rank 1) -> purified PNGs."""
         count = tf.size(image_bytes)
         checked = _refuse_unless(
             [(tf.equal(tf.rank(image_bytes), 1),
@@ -689,11 +692,28 @@ def build_serving_functions(purifier: ComDefend, classifier: keras.Model | None 
         def purify_one(element):
             encoded, png, height, width = element
             image = _decode_declared(encoded, png, height, width, channels)
-            return _to_png(core(image[None], stream=2)["purified"][0])
+            return _to_png(core(image[None], stream=stream)["purified"][0])
 
         pngs = tf.map_fn(purify_one, (image_bytes, is_png, heights, widths),
                          parallel_iterations=1, fn_output_signature=tf.TensorSpec([], tf.string))
         return {"purified_png_bytes": pngs}
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.string, name=INPUT_IMAGE_BYTES)])
+    def purify_bytes(image_bytes):
+        return purify_encoded(image_bytes, stream=2)
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.string, name=INPUT_EXAMPLES)])
+    def purify_examples(examples):
+        # TF Model Garden's third input type: serialized tf.train.Example with the usual
+        # ``image/encoded`` feature; every check of purify_bytes then applies to its images
+        # (a missing feature parses as an empty string and is refused as neither PNG nor JPEG).
+        checked = _refuse_unless(
+            [(tf.equal(tf.rank(examples), 1),
+              ["examples must be a rank-1 string tensor [batch] of serialized tf.train.Example; "
+               "got shape", tf.shape(examples)])], examples)
+        features = tf.io.parse_example(tf.reshape(checked, [-1]), {
+            TFRECORD_IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string, default_value="")})
+        return purify_encoded(features[TFRECORD_IMAGE_FEATURE], stream=4)
 
     signatures = {}
     if classifier is not None:
@@ -723,6 +743,7 @@ def build_serving_functions(purifier: ComDefend, classifier: keras.Model | None 
         signatures[SIGNATURE_CLASSIFY] = classify
     signatures[SIGNATURE_PURIFY] = purify
     signatures[SIGNATURE_PURIFY_BYTES] = purify_bytes
+    signatures[SIGNATURE_PURIFY_EXAMPLES] = purify_examples
     return ServingFunctions(signatures, purify_core, purifier)
 
 
@@ -768,7 +789,7 @@ def export_metadata(purifier: ComDefend, classifier: keras.Model | None,
     ``classifier_record``, ``provenance.read_classifier_purifier``) or ``purify_only`` (no
     classifier); ``provenance_warnings``: the purifier mismatches found at export."""
     signatures = ([SIGNATURE_CLASSIFY] if classifier is not None else []) + [
-        SIGNATURE_PURIFY, SIGNATURE_PURIFY_BYTES]
+        SIGNATURE_PURIFY, SIGNATURE_PURIFY_BYTES, SIGNATURE_PURIFY_EXAMPLES]
     overlap = (receptive_field_radius(purifier.config) if settings.patch_overlap is None
                else settings.patch_overlap)
     noise_std = effective_noise_std(purifier, settings)

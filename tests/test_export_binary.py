@@ -74,7 +74,7 @@ def test_binary_prints_the_export_path_and_next_commands(exported):
     with open(os.path.join(exported["version_dir"], serving.EXPORT_METADATA_FILENAME)) as handle:
         metadata = json.load(handle)
     assert metadata["serving_default"] == "classify"
-    assert metadata["signatures"] == ["classify", "purify", "purify_bytes"]
+    assert metadata["signatures"] == ["classify", "purify", "purify_bytes", "purify_examples"]
     assert metadata["effective_inference_noise_std"] == 0.0
 
 

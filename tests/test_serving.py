@@ -385,3 +385,30 @@ def test_a_grey_model_answers_cmyk_jpegs_and_alpha_pngs(gray_purifier):
     pngs = _signatures(gray_purifier)["purify_bytes"](
         tf.constant([buffer.getvalue(), grey_alpha, rgba]))["purified_png_bytes"].numpy()
     assert [tuple(tf.io.decode_png(png).shape) for png in pngs] == [(6, 5, 1)] * 3
+
+
+def _example(encoded: bytes | None, label: int = 3) -> bytes:
+    feature = {"image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))}
+    if encoded is not None:
+        feature["image/encoded"] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded]))
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def test_purify_examples_equals_purify_bytes_and_keeps_its_checks(gray_purifier):
+    # Noise 0 (the tiny config's inference default): the two input types give the same PNGs.
+    signatures = _signatures(gray_purifier, max_pixels=500)
+    small = np.round(_images((7, 9, 1), seed=7) * 255).astype(np.uint8)
+    other = np.round(_images((12, 5, 1), seed=8) * 255).astype(np.uint8)
+    encoded = [tf.io.encode_png(small).numpy(), tf.io.encode_jpeg(other, quality=95).numpy()]
+    from_bytes = signatures["purify_bytes"](tf.constant(encoded))["purified_png_bytes"].numpy()
+    from_examples = signatures["purify_examples"](
+        tf.constant([_example(e) for e in encoded]))["purified_png_bytes"].numpy()
+    assert list(from_examples) == list(from_bytes)
+    missing = _error_message(lambda: signatures["purify_examples"](tf.constant([_example(None)])))
+    assert "png" in missing.lower() and "jpeg" in missing.lower()
+    huge = np.zeros((30, 30, 1), np.uint8)  # 900 pixels > max_pixels 500, refused by header
+    too_large = _error_message(lambda: signatures["purify_examples"](
+        tf.constant([_example(tf.io.encode_png(huge).numpy())])))
+    assert "too many pixels" in too_large
+    assert "rank-1" in _error_message(
+        lambda: signatures["purify_examples"](tf.constant([[_example(encoded[0])]])))
