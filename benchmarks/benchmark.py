@@ -190,7 +190,7 @@ def measure_purification(quick: bool, repeats: int) -> list[dict]:
     import numpy as np
     import tensorflow as tf
 
-    from comdefend_tf import precision as precision_lib
+    from comdefend_tf.training import precision as precision_lib
     from comdefend_tf.config import get_config
     from comdefend_tf.patches import purify_patchwise, receptive_field_radius
 
@@ -368,8 +368,8 @@ def measure_training(quick: bool, steps: int) -> dict:
     import keras
     import numpy as np
 
-    from comdefend_tf import data as data_lib
-    from comdefend_tf import precision as precision_lib
+    from comdefend_tf.io import datasets as data_lib
+    from comdefend_tf.training import precision as precision_lib
     from comdefend_tf.config import get_config
     from comdefend_tf.model import psnr
 
@@ -415,12 +415,12 @@ def measure_serving(quick: bool, calls: int) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from comdefend_tf import precision as precision_lib
+    from comdefend_tf.training import precision as precision_lib
     from comdefend_tf.config import get_config
     try:
-        from comdefend_tf import serving
+        from comdefend_tf.serving import signatures as serving
     except ImportError as error:
-        return {"error": f"comdefend_tf.serving is not importable: {error}"}
+        return {"error": f"comdefend_tf.serving.signatures is not importable: {error}"}
     from PIL import Image
 
     side = 64 if quick else 224
@@ -470,8 +470,8 @@ def measure_serving(quick: bool, calls: int) -> dict:
 # --------------------------------------------------------------------------- quality
 def measure_quality(quick: bool) -> list[dict]:
     """bf16 against float32 with the authors' released weights on real images."""
-    from comdefend_tf import data as data_lib
-    from comdefend_tf import precision as precision_lib
+    from comdefend_tf.io import datasets as data_lib
+    from comdefend_tf.training import precision as precision_lib
 
     reference_dir = FLAGS.reference_dir or os.environ.get(
         "COMDEFEND_REFERENCE_DIR", os.path.join(os.path.dirname(REPO_ROOT), "shared",
@@ -490,9 +490,9 @@ def measure_quality(quick: bool) -> list[dict]:
             rows.append({"model": label, "error": f"weights not found under {weights}"})
             continue
         try:
-            from comdefend_tf.reference import load_reference_model
+            from comdefend_tf.weights.importer import load_reference_model
         except ImportError as error:
-            rows.append({"model": label, "error": f"comdefend_tf.reference: {error}"})
+            rows.append({"model": label, "error": f"comdefend_tf.weights.importer: {error}"})
             continue
         model, _ = load_reference_model(encoder_path, decoder_path, inference_noise_std=0.0)
         source = data_lib.load_dataset(dataset)
@@ -566,7 +566,7 @@ def markdown(results: dict) -> str:
         f"Python {info['python']}. Load average (1 min) before/after: "
         f"{results['load_before'][0]:.2f} / {results['load_after'][0]:.2f} (other processes "
         "on the machine slow every case alike; ratios are more stable than absolutes).", "",
-        f"bf16 hardware detection (`comdefend_tf.precision.bf16_hardware_support`): "
+        f"bf16 hardware detection (`comdefend_tf.training.precision.bf16_hardware_support`): "
         f"{results['bf16_hardware'][1]} -> {'supported' if results['bf16_hardware'][0] else 'not supported'}; "
         f"`--precision=auto` picks: {results['auto_choice']}.", "",
         "## Targets", "", "| target | measured | met |", "|---|---|---|"]
@@ -669,7 +669,7 @@ def main(argv):
     import tensorflow as tf
     from tqdm import tqdm
 
-    from comdefend_tf import precision as precision_lib
+    from comdefend_tf.training import precision as precision_lib
     from comdefend_tf.config import get_config
 
     started = time.perf_counter()

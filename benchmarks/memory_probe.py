@@ -44,7 +44,7 @@ def main(argv):
     import numpy as np
     import tensorflow as tf
 
-    from comdefend_tf import precision as precision_lib
+    from comdefend_tf.training import precision as precision_lib
     from comdefend_tf.config import get_config
     from comdefend_tf.patches import purify_patchwise
 

@@ -13,7 +13,7 @@ lambda_code * mean(soft_code**2)`` with ``soft_code = sigmoid(noisy)``. All conv
 3x3, stride 1, "same", so both networks are fully convolutional: any height and width.
 
 Everything here uses ``keras.ops``: the model runs on every Keras 3 backend. Training with
-``fit`` works on any backend; the distributed custom loop lives in ``comdefend_tf.training``.
+``fit`` works on any backend; the distributed custom loop lives in ``comdefend_tf.training.purifier``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import keras
 from keras import ops
 
 from comdefend_tf.config import ComDefendConfig
-from comdefend_tf.files import write_json_atomic
+from comdefend_tf.io.atomic import write_json_atomic
 from comdefend_tf.layers import CodeNoise, StraightThroughBinarize
 
 KERAS_FILENAME = "comdefend.keras"
@@ -48,7 +48,7 @@ def _conv_stack(inputs, in_channels: int, widths: Sequence[int], out_channels: i
     for index, width in enumerate(widths, start=1):
         features = _conv(width, channels, "elu", f"{prefix}_conv{index}")(features)
         channels = width
-    # The output convolution stays float32 under a mixed policy (comdefend_tf.precision): the
+    # The output convolution stays float32 under a mixed policy (comdefend_tf.training.precision): the
     # code bits are thresholded, and the purified images returned, in float32.
     return _conv(out_channels, channels, out_activation,
                  f"{prefix}_conv{len(widths) + 1}", dtype="float32")(features)

@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags
 
-from comdefend_tf.precision import PRECISIONS
+from comdefend_tf.training.precision import PRECISIONS
 
 flags.DEFINE_enum("precision", "float32", PRECISIONS,
                   "Compute precision of the served purifier: float32, bfloat16 (Keras "
@@ -67,7 +67,7 @@ flags.mark_flags_as_required(["comdefend_dir", "export_base"])
 
 def settings_from_flags():
     """ExportSettings with only the flags the user set (library defaults for the rest)."""
-    from comdefend_tf import serving
+    from comdefend_tf.serving import signatures as serving
 
     given = {name: getattr(FLAGS, name) for name in (
         "inference_noise_std", "noise_seed", "patch_size", "patch_overlap", "patch_batch_size",
@@ -81,7 +81,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import warnings
 
-    from comdefend_tf import classifiers, model as model_lib, precision, provenance, serving
+    from comdefend_tf import model as model_lib
+    from comdefend_tf.training import classifier as classifiers
+    from comdefend_tf.training import precision
+    from comdefend_tf.training import provenance
+    from comdefend_tf.serving import signatures as serving
 
     try:
         settings = settings_from_flags()

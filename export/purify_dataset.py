@@ -42,10 +42,10 @@ flags.DEFINE_integer("num_shards", 0, "Output TFRecord shards (0: the runner dec
                      lower_bound=0)
 flags.DEFINE_integer("max_pixels", None, "Refuse (too_large) images declaring more pixels "
                      "than this, checked from the header before decoding. Default: the purify "
-                     "command's (comdefend_tf.image_io.DEFAULT_MAX_PIXELS).", lower_bound=1)
+                     "command's (comdefend_tf.io.images.DEFAULT_MAX_PIXELS).", lower_bound=1)
 flags.DEFINE_integer("max_bytes", None, "Refuse (too_large) encoded images larger than this "
                      "many bytes, before reading them. Default: the purify command's "
-                     "(comdefend_tf.image_io.DEFAULT_MAX_BYTES).", lower_bound=1)
+                     "(comdefend_tf.io.images.DEFAULT_MAX_BYTES).", lower_bound=1)
 flags.DEFINE_integer("tile_above_pixels", None, "--model_dir only: purify images of more "
                      "pixels than this in exact tiles, as the purify command does (same "
                      "result, bounded memory). Default: the model's budget; 0: never.",
@@ -80,7 +80,7 @@ def _main(argv):
     from comdefend_tf import optional
 
     try:
-        from comdefend_tf import beam_purify
+        from comdefend_tf.purification import beam as beam_purify
     except optional.MissingExtra as error:  # one line naming the [beam] extra
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -8,7 +8,7 @@ writes into a folder that holds an input, never over an input file, never outsid
 ``--output_dir``, and never replaces an existing output unless ``--overwrite`` is given (all
 checked before any work starts).
 
-Reading (``comdefend_tf.image_io``): only PNG and JPEG, recognised by content whatever the
+Reading (``comdefend_tf.io.images``): only PNG and JPEG, recognised by content whatever the
 file's name; anything else (EPS, GIF, TIFF, BMP, ... even named ``x.png``) is refused unopened.
 8-bit values are read as value/255, 16-bit PNGs at full precision as value/65535 (the serving
 signatures' rule); palettes are expanded, grey is repeated for a 3-channel model, alpha is
@@ -63,7 +63,7 @@ flags.DEFINE_enum("channel_order", "rgb", ["rgb", "bgr"], "Channel order fed to 
                   "always written in normal RGB order.")
 flags.DEFINE_integer("seed", None, "Seed of the inference noise (repeatable runs).")
 flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16"], "Compute precision. "
-                  "bfloat16 (Keras mixed_bfloat16 policy via comdefend_tf.precision: bf16 "
+                  "bfloat16 (Keras mixed_bfloat16 policy via comdefend_tf.training.precision: bf16 "
                   "convolutions, float32 weights, code logits and outputs) is faster on CPUs "
                   "with bf16 units but changes outputs by a few grey levels.")
 flags.DEFINE_enum("uint8_conversion", "round", ["round", "truncate"], "How outputs become "
@@ -80,13 +80,13 @@ flags.DEFINE_integer("tile_above_pixels", None, "Pixel budget of the default who
                      lower_bound=0)
 flags.DEFINE_integer("max_image_pixels", None, "Refuse images declaring more pixels (height x "
                      "width) than this, read from the header before decoding. Default: "
-                     "comdefend_tf.image_io.DEFAULT_MAX_PIXELS (100,000,000).", lower_bound=1)
+                     "comdefend_tf.io.images.DEFAULT_MAX_PIXELS (100,000,000).", lower_bound=1)
 flags.DEFINE_integer("max_file_bytes", None, "Refuse input files larger than this many bytes, "
-                     "before reading them. Default: comdefend_tf.image_io.DEFAULT_MAX_BYTES "
+                     "before reading them. Default: comdefend_tf.io.images.DEFAULT_MAX_BYTES "
                      "(536,870,912 = 512 MiB).", lower_bound=1)
 flags.DEFINE_integer("max_files", None, "Stop before any work if --input matches more files "
                      "than this (the list of names is held in memory, about 0.3 KB per file). "
-                     "Default: comdefend_tf.image_io.DEFAULT_MAX_FILES (1,000,000).",
+                     "Default: comdefend_tf.io.images.DEFAULT_MAX_FILES (1,000,000).",
                      lower_bound=1)
 flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
 flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
@@ -96,10 +96,12 @@ flags.mark_flags_as_required(["model_dir", "input", "output_dir"])
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from comdefend_tf import image_io, precision, reference
+    from comdefend_tf.io import images as image_io
+    from comdefend_tf.training import precision
+    from comdefend_tf.weights import importer as reference
     from comdefend_tf.model import load_comdefend
     from comdefend_tf.patches import exact_tiling
-    from comdefend_tf.purify_files import OutputPlanError, plan_outputs, purify_files
+    from comdefend_tf.purification.files import OutputPlanError, plan_outputs, purify_files
 
     def fail(message):
         print(f"error: {message}", file=sys.stderr)

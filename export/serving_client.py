@@ -41,7 +41,8 @@ flags.mark_flags_as_required(["images"])
 
 
 def _request_values(signature: str, paths):
-    from comdefend_tf import client, image_io
+    from comdefend_tf.serving import client
+    from comdefend_tf.io import images as image_io
 
     if client.input_name_for(signature) == "image_bytes":
         values = []
@@ -61,7 +62,9 @@ def _request_values(signature: str, paths):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from comdefend_tf import client, image_io, optional
+    from comdefend_tf import optional
+    from comdefend_tf.serving import client
+    from comdefend_tf.io import images as image_io
 
     server = FLAGS.server or (f"localhost:{client.DEFAULT_REST_PORT}" if FLAGS.protocol == "rest"
                               else f"localhost:{client.DEFAULT_GRPC_PORT}")

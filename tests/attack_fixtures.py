@@ -13,8 +13,9 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from comdefend_tf import classifiers, training
-from comdefend_tf import data as data_lib
+from comdefend_tf.training import classifier as classifiers
+from comdefend_tf.training import purifier as training
+from comdefend_tf.io import datasets as data_lib
 from comdefend_tf.config import get_config
 
 NUM_ATTACK_IMAGES = 24

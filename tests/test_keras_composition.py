@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import keras
 
-from comdefend_tf import ComDefend, data as data_lib, get_config, load_comdefend, save_comdefend
-from comdefend_tf import serving
+from comdefend_tf import ComDefend, get_config, load_comdefend, save_comdefend
+from comdefend_tf.io import datasets as data_lib
+from comdefend_tf.serving import signatures as serving
 
 IMAGE_SHAPE = (8, 8, 1)
 

@@ -238,7 +238,7 @@ def test_without_the_data_extra_the_readme_training_command_says_what_to_install
 
 
 def test_console_entry_turns_a_missing_library_into_one_line():
-    from comdefend_tf import console
+    from comdefend_tf.cli import console
 
     assert set(console.PROGRAMS) == {module.rsplit(".", 1)[1]
                                      for module in wheel_check.binaries(REPO_ROOT)}

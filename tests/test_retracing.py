@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from comdefend_tf import precision
+from comdefend_tf.training import precision
 from comdefend_tf.config import get_config
 from comdefend_tf.patches import purify_patchwise
 

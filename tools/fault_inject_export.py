@@ -55,7 +55,8 @@ def make_models(folder: str) -> tuple[str, str]:
     """A tiny grey purifier and an 8x8 classifier saved as model directories."""
     import keras
 
-    from comdefend_tf import ComDefend, classifiers, get_config, save_comdefend
+    from comdefend_tf import ComDefend, get_config, save_comdefend
+    from comdefend_tf.training import classifier as classifiers
 
     purifier = ComDefend(get_config("tiny", input_channels=1), seed=1)
     comdefend_dir = os.path.join(folder, "comdefend")

@@ -517,7 +517,8 @@ def build_export(folder: str, channels: int = 3, settings=None):
     ``folder``; returns ``(version_dir, purifier, classifier, settings)``."""
     import keras
 
-    from comdefend_tf import ComDefend, get_config, serving
+    from comdefend_tf import ComDefend, get_config
+    from comdefend_tf.serving import signatures as serving
 
     purifier = ComDefend(get_config("tiny", input_channels=channels), seed=5)
     classifier = keras.Sequential([

@@ -3,7 +3,7 @@ r"""Builds a corpus of hostile weight files and checks that the importer refuses
     python tools/hostile_weight_files.py [--output results.json] [--keep DIR] [--bomb-mib 1024]
 
 Each case is a file (or path) crafted against one layer of the reader in
-``comdefend_tf/reference.py``: the file itself (FIFOs, devices, oversized files), the zip
+``comdefend_tf/weights/importer.py``: the file itself (FIFOs, devices, oversized files), the zip
 container (bombs, encryption, compression methods, corrupt and truncated archives, member
 names), the ``.npy`` header, and the pickle (code execution through ``REDUCE``, ``INST``,
 ``OBJ``, ``NEWOBJ``, ``STACK_GLOBAL``, extension codes and persistent ids; numpy callables that
@@ -58,7 +58,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from comdefend_tf import reference  # noqa: E402  (after the path fix above)
+from comdefend_tf.weights import importer as reference  # noqa: E402  (after the path fix above)
 from comdefend_tf.config import get_config  # noqa: E402
 
 REFUSED, ACCEPTED, CRASHED = "refused", "accepted", "crashed"

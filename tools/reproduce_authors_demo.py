@@ -76,17 +76,17 @@ def approximate_clean(path: str, size: int = 224) -> np.ndarray:
 
 
 def _read_uint8(path) -> np.ndarray:
-    from comdefend_tf import image_io
+    from comdefend_tf.io import images as image_io
     return image_io.to_uint8(image_io.read_image(str(path), channels=3))
 
 
 def _psnr_u8(reference_u8, image_u8) -> float:
-    from comdefend_tf import image_io
+    from comdefend_tf.io import images as image_io
     return image_io.psnr_db(reference_u8.astype(np.float64), image_u8.astype(np.float64), 255.0)
 
 
 def _purify_folder(model, pairs, **settings):
-    from comdefend_tf import purify_files
+    from comdefend_tf.purification import files as purify_files
 
     os.makedirs(os.path.dirname(pairs[0][1]), exist_ok=True)
     summary = purify_files.purify_files(model, pairs, progress=False, **settings)
@@ -170,8 +170,9 @@ def _figure(path, rows, columns):
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from comdefend_tf import image_io, reference
-    from comdefend_tf import purify_files
+    from comdefend_tf.io import images as image_io
+    from comdefend_tf.weights import importer as reference
+    from comdefend_tf.purification import files as purify_files
 
     reference_dir = Path(FLAGS.reference_dir) if FLAGS.reference_dir else _default_reference_dir()
     if not (reference_dir / "imagenet" / "attack").is_dir():
@@ -270,7 +271,7 @@ def _main(argv):
             np.stack([image_io.read_image(str(attack_dir / n), channels=1) for n in names]))),
     }
     if FLAGS.mnist_digits:
-        from comdefend_tf import data
+        from comdefend_tf.io import datasets as data
         digits = data.load_dataset("mnist5k")
         digit_images, _ = data.take_arrays(digits.test, FLAGS.mnist_digits)
         code_stats[f"gray_model_{len(digit_images)}_mnist_digits"] = reference.code_statistics(

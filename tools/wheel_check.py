@@ -199,9 +199,9 @@ def layout_problems(wheel: str, repo_root: str) -> list[str]:
 
 
 def script_programs(wheel: str) -> dict[str, str | None]:
-    """``{script name: the binary module it runs}`` (through ``comdefend_tf.console``; None for
+    """``{script name: the binary module it runs}`` (through ``comdefend_tf.cli.console``; None for
     a script that points elsewhere)."""
-    from comdefend_tf import console
+    from comdefend_tf.cli import console
 
     programs = {}
     for script, target in console_scripts(wheel).items():
@@ -242,7 +242,8 @@ def installed_distributions(venv_dir: str) -> set[str]:
 def write_digit_pngs(folder: str, count: int) -> list[str]:
     """Writes ``count`` of the embedded MNIST digits (mnist5k, read here with this
     interpreter's [data] extra) as ``folder/<label>/<index>.png``; returns the paths."""
-    from comdefend_tf import data, image_io
+    from comdefend_tf.io import datasets as data
+    from comdefend_tf.io import images as image_io
 
     images, labels = data.take_arrays(data.load_dataset("mnist5k").train, count)
     paths = []

@@ -31,10 +31,11 @@ import warnings
 from absl import app, flags
 
 from comdefend_tf import attacks as attacks_lib
-from comdefend_tf import classifiers
-from comdefend_tf import data as data_lib
-from comdefend_tf import defenses as defenses_lib
-from comdefend_tf import precision, provenance
+from comdefend_tf.training import classifier as classifiers
+from comdefend_tf.io import datasets as data_lib
+from comdefend_tf.evaluation import baselines as defenses_lib
+from comdefend_tf.training import precision
+from comdefend_tf.training import provenance
 from comdefend_tf.evaluation import cpu_time, figure4, modes, paper, report, threat_models
 from comdefend_tf.model import load_comdefend
 

@@ -4,7 +4,7 @@ import sys
 
 from absl import flags
 
-from comdefend_tf import data as data_lib
+from comdefend_tf.io import datasets as data_lib
 from comdefend_tf import optional
 
 

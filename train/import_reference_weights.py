@@ -1,6 +1,6 @@
 r"""Imports the authors' released ComDefend weights into a model directory.
 
-Reads the two released files with ``comdefend_tf.reference``'s safe reader (its own zip and
+Reads the two released files with ``comdefend_tf.weights.importer``'s safe reader (its own zip and
 pickle parsing: nothing in a file can run code, crash the process or allocate beyond a fixed
 cap; a refused file ends with ``error: ...`` and exit status 1), infers the architecture from
 their shapes (RGB ``paper`` widths or the 1-channel ``released_gray`` widths), and writes ``MODEL_DIR/comdefend.keras``, ``config.json`` and
@@ -46,7 +46,7 @@ def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from comdefend_tf import model as model_lib
-    from comdefend_tf import reference
+    from comdefend_tf.weights import importer as reference
 
     keras_path = os.path.join(FLAGS.model_dir, model_lib.KERAS_FILENAME)
     if os.path.exists(keras_path) and not FLAGS.overwrite:

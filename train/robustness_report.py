@@ -23,7 +23,7 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("dataset", "mnist5k", "Image source (see comdefend_tf.data); the held-out "
+flags.DEFINE_string("dataset", "mnist5k", "Image source (see comdefend_tf.io.datasets); the held-out "
                     "split is evaluated.")
 flags.DEFINE_enum("color_mode", None, ["grayscale", "rgb"],
                   "Convert images to this many channels (default: the source's own).")
@@ -39,7 +39,7 @@ flags.DEFINE_string("purified_classifier_dir", None, "A classifier trained behin
 flags.DEFINE_float("inference_noise_std", None, "Override ComDefend's inference noise std "
                    "(default: the saved model's; 0 makes it deterministic).", lower_bound=0)
 flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16", "auto"],
-                  "Purifier compute precision (comdefend_tf.precision); bfloat16 changes the "
+                  "Purifier compute precision (comdefend_tf.training.precision); bfloat16 changes the "
                   "purified images slightly: check that the verdicts agree before relying on it.")
 flags.DEFINE_integer("num_examples", 100, "Held-out examples attacked (the same ones in every "
                      "row). 100 gives 95% intervals about +-10 points near 50%.", lower_bound=1)
@@ -169,11 +169,12 @@ def main(argv):
     start = time.time()
     from tqdm import tqdm
 
-    from comdefend_tf import classifiers
-    from comdefend_tf import data as data_lib
-    from comdefend_tf import defenses as defenses_lib
+    from comdefend_tf.training import classifier as classifiers
+    from comdefend_tf.io import datasets as data_lib
+    from comdefend_tf.evaluation import baselines as defenses_lib
     from comdefend_tf import model as model_lib
-    from comdefend_tf import precision, provenance
+    from comdefend_tf.training import precision
+    from comdefend_tf.training import provenance
     from comdefend_tf.evaluation import adaptive, checks, cpu_time, modes, report
 
     try:

@@ -28,9 +28,10 @@ import sys
 
 from absl import app, flags
 
-from comdefend_tf import classifiers
-from comdefend_tf import data as data_lib
-from comdefend_tf import provenance, training
+from comdefend_tf.training import classifier as classifiers
+from comdefend_tf.io import datasets as data_lib
+from comdefend_tf.training import provenance
+from comdefend_tf.training import purifier as training
 if __package__:  # python -m train.train_classifier, or installed as comdefend_tf.train
     from . import flags_common
 else:  # run as a script (bazel run //train:train_classifier): the runfiles root is on sys.path

@@ -9,7 +9,7 @@ checkpoint (every --checkpoint_every_steps steps) with the batches it had not se
 run only rewrites the model. Flags left unset take the named config's values (one source of
 truth: comdefend_tf.config). TensorBoard logs go to MODEL_DIR/logs: the loss terms, and under
 logs/images pictures of --summary_images fixed held-out images after every epoch (originals,
-purified, code bits; comdefend_tf.summaries).
+purified, code bits; comdefend_tf.training.summaries).
 
 Exits non-zero, without writing or replacing MODEL_DIR/comdefend.keras, when the loss or the
 weights become NaN or infinite (the checkpoints stay: resume with a lower --learning_rate) or
@@ -23,10 +23,10 @@ import sys
 from absl import app, flags
 
 from comdefend_tf import config as config_lib
-from comdefend_tf import data as data_lib
-from comdefend_tf import precision
-from comdefend_tf import summaries
-from comdefend_tf import training
+from comdefend_tf.io import datasets as data_lib
+from comdefend_tf.training import precision
+from comdefend_tf.training import summaries
+from comdefend_tf.training import purifier as training
 
 if __package__:  # python -m train.train_comdefend, or installed as comdefend_tf.train
     from . import flags_common

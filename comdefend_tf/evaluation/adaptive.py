@@ -45,7 +45,7 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from comdefend_tf import defenses as defenses_lib
+from comdefend_tf.evaluation import baselines as defenses_lib
 from comdefend_tf.attacks import apgd as apgd_lib
 from comdefend_tf.attacks import square as square_lib
 from comdefend_tf.evaluation import checks, cpu_time, scoring, seeds

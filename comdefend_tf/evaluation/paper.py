@@ -37,7 +37,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from comdefend_tf import attacks as attacks_lib
-from comdefend_tf import defenses as defenses_lib
+from comdefend_tf.evaluation import baselines as defenses_lib
 from comdefend_tf.evaluation import checks, scoring
 from comdefend_tf.evaluation import threat_models as threat_models_lib
 
@@ -107,7 +107,7 @@ def evaluate(classifier, defenses: dict, images: np.ndarray, labels: np.ndarray,
 
     Args:
       classifier: images float32 ``[B, H, W, C]`` in [0, 1] -> logits.
-      defenses: name -> defense layer (``comdefend_tf.defenses.make_defense``); ``none`` is
+      defenses: name -> defense layer (``comdefend_tf.evaluation.baselines.make_defense``); ``none`` is
         added when missing (it is the undefended reference).
       images: float32 ``[n, H, W, C]`` in [0, 1]; labels: int ``[n]``.
       attack_names: registered attack names (``comdefend_tf.attacks.ATTACK_NAMES``).

@@ -22,7 +22,7 @@ import numpy as np
 from comdefend_tf import attacks as attacks_lib
 from comdefend_tf import optional
 from comdefend_tf.evaluation import adaptive, paper
-from comdefend_tf.files import write_json_atomic
+from comdefend_tf.io.atomic import write_json_atomic
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"

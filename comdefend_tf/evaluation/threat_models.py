@@ -39,7 +39,7 @@ from typing import Callable
 import tensorflow as tf
 from keras import ops
 
-from comdefend_tf import defenses as defenses_lib
+from comdefend_tf.evaluation import baselines as defenses_lib
 
 THREAT_MODELS = ("white_box", "oblivious", "bpda_eot", "bpda_identity", "soft_path",
                  "fixed_noise", "transfer", "gradient_free")

@@ -1,0 +1,1 @@
+"""Command-line support shared by the binaries: console entry points and flags."""

@@ -1,0 +1,1 @@
+"""Serving: the SavedModel signatures, the versioned export and the client."""

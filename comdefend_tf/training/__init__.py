@@ -1,0 +1,1 @@
+"""Training: the purifier, the classifiers, summaries, precision and provenance."""
