@@ -26,7 +26,7 @@ import keras
 from keras import ops
 
 from comdefend_tf.config import ComDefendConfig
-from comdefend_tf.io.atomic import write_json_atomic
+from comdefend_tf.io.atomic import atomic_path, write_json_atomic
 from comdefend_tf.layers import CodeNoise, StraightThroughBinarize
 
 KERAS_FILENAME = "comdefend.keras"
@@ -295,9 +295,8 @@ def save_comdefend(model: ComDefend, model_dir: str, metrics: dict | None = None
     """
     os.makedirs(model_dir, exist_ok=True)
     keras_path = os.path.join(model_dir, KERAS_FILENAME)
-    partial = os.path.join(model_dir, ".partial." + KERAS_FILENAME)
-    model.save(partial)
-    os.replace(partial, keras_path)
+    with atomic_path(keras_path) as partial:
+        model.save(partial)
     write_json_atomic(os.path.join(model_dir, CONFIG_FILENAME), model.config.to_dict())
     write_json_atomic(os.path.join(model_dir, METRICS_FILENAME), metrics or {})
     return keras_path

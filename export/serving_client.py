@@ -63,8 +63,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from comdefend_tf import optional
-    from comdefend_tf.serving import client
     from comdefend_tf.io import images as image_io
+    from comdefend_tf.io.atomic import write_bytes_atomic
+    from comdefend_tf.serving import client
 
     server = FLAGS.server or (f"localhost:{client.DEFAULT_REST_PORT}" if FLAGS.protocol == "rest"
                               else f"localhost:{client.DEFAULT_GRPC_PORT}")
@@ -93,9 +94,7 @@ def main(argv):
         os.makedirs(FLAGS.output_dir, exist_ok=True)
         for item, path in zip(purified, output_paths):
             if isinstance(item, (bytes, np.bytes_)):
-                with open(path + ".partial", "wb") as handle:
-                    handle.write(bytes(item))
-                os.replace(path + ".partial", path)
+                write_bytes_atomic(path, bytes(item))
             else:
                 image_io.write_png(path, np.asarray(item))
         print(f"wrote {len(output_paths)} purified image(s) to {FLAGS.output_dir}")

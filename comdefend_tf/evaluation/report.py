@@ -22,7 +22,7 @@ import numpy as np
 from comdefend_tf import attacks as attacks_lib
 from comdefend_tf import optional
 from comdefend_tf.evaluation import adaptive, paper
-from comdefend_tf.io.atomic import write_json_atomic
+from comdefend_tf.io.atomic import atomic_path, write_json_atomic, write_text_atomic
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -41,12 +41,6 @@ TABLE_COLUMNS = (
 )
 
 
-def _write_text(path: str, text: str) -> str:
-    partial = path + ".partial"
-    with open(partial, "w") as handle:
-        handle.write(text)
-    os.replace(partial, path)
-    return path
 
 
 def _json_default(value):
@@ -168,7 +162,8 @@ def write_results(evaluation: paper.Evaluation, output_dir: str,
     for key, value in metadata.items():
         if key not in ("cpu_seconds", "wall_seconds"):
             notes.append(f"- {key}: {value}")
-    markdown_path = _write_text(os.path.join(output_dir, RESULTS_MD), "\n".join(notes) + "\n")
+    markdown_path = write_text_atomic(os.path.join(output_dir, RESULTS_MD),
+                                      "\n".join(notes) + "\n")
     return {"json": json_path, "markdown": markdown_path}
 
 
@@ -183,9 +178,8 @@ def _pyplot():
 def _save_figure(figure, path):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    partial = os.path.join(directory, ".partial." + os.path.basename(path))
-    figure.savefig(partial, dpi=110, format="png")
-    os.replace(partial, path)
+    with atomic_path(path) as partial:
+        figure.savefig(partial, dpi=110, format="png")
 
 
 def plot_accuracy_vs_eps(evaluation: paper.Evaluation, path: str) -> str:
@@ -463,6 +457,6 @@ def write_robustness_report(results: dict, output_dir: str, metadata: dict) -> d
     json_path = os.path.join(output_dir, REPORT_JSON)
     write_json_atomic(json_path, _jsonable(payload))
     text = format_robustness_markdown(results, metadata)
-    markdown_path = _write_text(os.path.join(output_dir, REPORT_MD), text)
+    markdown_path = write_text_atomic(os.path.join(output_dir, REPORT_MD), text)
     plot_path = plot_worst_case(results, os.path.join(output_dir, WORST_CASE_PLOT))
     return {"json": json_path, "markdown": markdown_path, "plot": plot_path, "text": text}

@@ -49,9 +49,10 @@ import glob
 import os
 import stat
 import struct
-import tempfile
 
 import numpy as np
+
+from comdefend_tf.io.atomic import atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 FORMATS = ("PNG", "JPEG")
@@ -384,22 +385,8 @@ def write_png(path: str, image) -> None:
     if pixels.dtype != np.uint8:
         pixels = to_uint8(pixels)
     pil_image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-    folder, name = os.path.split(os.path.abspath(path))
-    descriptor, partial = tempfile.mkstemp(prefix=f".partial.{name}.", dir=folder)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            pil_image.save(handle, format="PNG")
-        os.chmod(partial, 0o644 & ~_umask())
-        os.replace(partial, path)
-    finally:
-        if os.path.lexists(partial):
-            os.remove(partial)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with atomic_path(path) as partial, open(partial, "wb") as handle:
+        pil_image.save(handle, format="PNG")
 
 
 @dataclasses.dataclass

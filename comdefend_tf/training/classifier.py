@@ -48,7 +48,7 @@ from keras import ops
 from comdefend_tf.io import datasets as data_lib
 from comdefend_tf.training import provenance
 from comdefend_tf.training import purifier as training
-from comdefend_tf.io.atomic import write_json_atomic
+from comdefend_tf.io.atomic import atomic_path, write_json_atomic
 
 ARCHITECTURES = ("auto", "small_cnn", "resnet_cifar", "resnet50")
 KERAS_FILENAME = "classifier.keras"
@@ -482,9 +482,8 @@ def save_classifier(classifier: keras.Model, model_dir: str, metrics: dict | Non
     renames, so an interrupted save never leaves a truncated model. Returns the ``.keras`` path."""
     os.makedirs(model_dir, exist_ok=True)
     keras_path = os.path.join(model_dir, KERAS_FILENAME)
-    partial = os.path.join(model_dir, ".partial." + KERAS_FILENAME)
-    classifier.save(partial)
-    os.replace(partial, keras_path)
+    with atomic_path(keras_path) as partial:
+        classifier.save(partial)
     write_json_atomic(os.path.join(model_dir, METRICS_FILENAME), metrics or {})
     return keras_path
 

@@ -13,7 +13,7 @@ import tensorflow as tf
 from comdefend_tf.io import datasets as data_lib
 from comdefend_tf.attacks import apgd as apgd_lib
 from comdefend_tf.attacks.constraints import check_adversarial
-from tests import attack_fixtures
+from tests.fixtures import attack_models as attack_fixtures
 
 CROSS_CHECK_EXAMPLES = 160
 

@@ -11,7 +11,7 @@ from comdefend_tf import attacks
 from comdefend_tf.attacks import cleverhans_compat
 from comdefend_tf.attacks.constraints import check_adversarial
 from comdefend_tf.evaluation import classifier_fn
-from tests import attack_fixtures
+from tests.fixtures import attack_models as attack_fixtures
 
 # Tiny step counts: the point is that each attack works, not its strength.
 ATTACK_CASES = {

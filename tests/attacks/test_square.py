@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from comdefend_tf.attacks import square as square_lib
 from comdefend_tf.attacks.constraints import check_adversarial
-from tests import attack_fixtures
+from tests.fixtures import attack_models as attack_fixtures
 
 
 def test_square_fraction_halves_on_the_published_schedule():

@@ -14,7 +14,7 @@ import tensorflow as tf
 from comdefend_tf.evaluation import baselines as defenses_lib
 from comdefend_tf.evaluation import adaptive, checks, paper, report
 from comdefend_tf.evaluation import threat_models as threat_models_lib
-from tests import attack_fixtures
+from tests.fixtures import attack_models as attack_fixtures
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -11,7 +11,7 @@ import pytest
 from comdefend_tf.training import classifier as classifiers
 from comdefend_tf.evaluation import adaptive, figure4, modes, paper, scoring
 from comdefend_tf.evaluation import threat_models as threat_models_lib
-from tests import attack_fixtures
+from tests.fixtures import attack_models as attack_fixtures
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -192,7 +192,7 @@ def test_settings_are_validated():
 
 
 # ------------------------------------------------ declared sizes, per-request limits, work
-from tools.hostile_requests import png_with_header  # noqa: E402
+from tests.fixtures.hostile_requests import png_with_header  # noqa: E402
 
 
 def _jpeg_declaring(height, width):
@@ -358,7 +358,7 @@ def test_purify_bytes_feeds_16_bit_precision_to_the_network(gray_purifier):
 
 # -------------------------------------------------------------------------- hostile corpus
 def test_the_hostile_request_corpus_is_refused_by_name(tmp_path):
-    from tools import hostile_requests
+    from tests.fixtures import hostile_requests
 
     version_dir, purifier, classifier, settings = hostile_requests.build_export(
         str(tmp_path), channels=3)

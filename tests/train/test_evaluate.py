@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests import attack_fixtures
+from tests.fixtures import attack_models as attack_fixtures
 from tests.conftest import REPO_ROOT, subprocess_env
 
 NUM_FOLDER_IMAGES = 400

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from comdefend_tf.evaluation import adaptive, report
-from tests import attack_fixtures
+from tests.fixtures import attack_models as attack_fixtures
 from tests.conftest import REPO_ROOT, subprocess_env
 
 BINARIES = ("train/evaluate.py", "train/robustness_report.py")

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from comdefend_tf.training import classifier as classifiers
 from comdefend_tf.training import purifier as training
-from tests import attack_fixtures
+from tests.fixtures import attack_models as attack_fixtures
 
 
 @pytest.mark.parametrize("shape, expected", [

@@ -460,7 +460,7 @@ def test_binary_exits_non_zero_on_nan_and_the_run_resumes(tmp_path, digits):
 
 
 def test_fault_injection_plan_spreads_20_seeded_kills_over_the_run():
-    from tools import fault_inject_training as fault
+    from tests.fixtures import fault_inject_training as fault
 
     args = fault.parse_args([])
     plan = fault.plan_kills(args, random.Random(0))

@@ -352,7 +352,7 @@ BOMB_MIB = 65  # just above MAX_MEMBER_BYTES (64 MiB), so the declared-at-cap bo
 
 @pytest.fixture(scope="module")
 def hostile_subset(tmp_path_factory):
-    from tools import hostile_weight_files
+    from tests.fixtures import hostile_weight_files
 
     folder = tmp_path_factory.mktemp("hostile_subset")
     written, _ = hostile_weight_files.build_corpus(folder, BOMB_MIB, names=set(HOSTILE_SUBSET))
@@ -371,7 +371,7 @@ def test_hostile_file_is_refused_with_the_importers_error(hostile_subset, name):
 def test_deflate_bomb_is_refused_without_allocating_it(tmp_path):
     """A 256 MiB bomb declaring 4 KiB: refused after 4097 bytes, allocating under 1 MiB."""
     import tracemalloc
-    from tools import hostile_weight_files as hostile
+    from tests.fixtures import hostile_weight_files as hostile
 
     data, crc = hostile.deflate_bomb(256)
     assert len(data) < 300_000
@@ -394,7 +394,7 @@ def test_bomb_declaring_the_cap_stops_reading_at_the_cap(tmp_path, monkeypatch):
     """Declared sizes up to the cap are honoured, never exceeded: reading stops one byte past
     the cap, holding about the cap, however far the data would inflate."""
     import tracemalloc
-    from tools import hostile_weight_files as hostile
+    from tests.fixtures import hostile_weight_files as hostile
 
     cap = 2 << 20
     monkeypatch.setattr(reference, "MAX_MEMBER_BYTES", cap)
@@ -427,7 +427,7 @@ def test_child_process_check_classifies_every_ending(tmp_path, ending, outcome, 
     """The harness counts a crash instead of dying with it, and tells the endings apart."""
     import signal
     import time
-    from tools import hostile_weight_files as hostile
+    from tests.fixtures import hostile_weight_files as hostile
 
     def importer(path, decoder_path):
         if ending == "segfault":
@@ -445,7 +445,7 @@ def test_child_process_check_classifies_every_ending(tmp_path, ending, outcome, 
 
 def test_hostile_corpus_every_file_refused_none_crashing(tmp_path):
     """tools/hostile_weight_files.py's whole corpus, each file imported in a child process."""
-    from tools import hostile_weight_files as hostile
+    from tests.fixtures import hostile_weight_files as hostile
 
     rows = hostile.run_corpus(tmp_path, bomb_mib=BOMB_MIB, timeout_s=60)
     totals = hostile.summarize(rows)
@@ -460,7 +460,7 @@ def test_hostile_corpus_every_file_refused_none_crashing(tmp_path):
 
 
 def test_hostile_corpus_command_line_writes_json_and_exit_status(tmp_path):
-    from tools import hostile_weight_files as hostile
+    from tests.fixtures import hostile_weight_files as hostile
 
     output = tmp_path / "results.json"
     status = hostile.main(["--case", "ndarray_over_raw_pointers", "--case", "control_assembled",
