@@ -6,7 +6,7 @@ folder (created exclusively, so a planted file or link of that name is never wri
 flushed to disk, then published under the final name, replacing what was there
 (``replace=True``) or failing with ``FileExistsError`` if anything was (``replace=False``: a
 hard link, which never replaces). If ``path`` is a symbolic link the link is replaced, not its
-target. Temporary names start with ``.partial.``.
+target. Temporary names are ``.partial.<random><extension>`` whatever the target's length.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import tempfile
 from typing import Iterator
 
 PARTIAL_PREFIX = ".partial."
+MAX_EXTENSION_CHARS = 16
 
 
 def _umask() -> int:
@@ -41,9 +42,10 @@ def atomic_path(path: str, replace: bool = True) -> Iterator[str]:
     the file is made world-readable (as ``open`` would, under the umask), synced and published
     at ``path``. On an exception the temporary file is removed and nothing is published."""
     folder, name = os.path.split(os.path.abspath(path))
-    extension = os.path.splitext(name)[1]
-    descriptor, partial = tempfile.mkstemp(prefix=f"{PARTIAL_PREFIX}{name}.", suffix=extension,
-                                           dir=folder)
+    # The temporary name does not grow with ``name``: a target whose name is near the file
+    # system's limit (255 bytes) must still be writable.
+    extension = os.path.splitext(name)[1][:MAX_EXTENSION_CHARS]
+    descriptor, partial = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=extension, dir=folder)
     os.close(descriptor)
     try:
         yield partial
