@@ -1,5 +1,7 @@
-# Two commands on a fresh machine: `make demo` (the main job on embedded data) and `make test`.
-# Both create the virtual environment in .venv on first use and reuse it afterwards.
+# Two commands on a fresh machine: `make demo` (the main job on embedded data) and `make test`
+# (the whole suite, as CI runs it: .ci/run). `make test-fast` leaves out the tests marked slow
+# (programs in child processes, hostile corpora, the fresh-venv wheel check; tests/conftest.py
+# lists them). All create the virtual environment in .venv on first use and reuse it.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +11,7 @@ STAMP := $(VENV)/.installed
 WHEELHOUSE ?= .wheelhouse
 WHEELHOUSE_STAMP := $(WHEELHOUSE)/.complete
 
-.PHONY: venv demo test clean-demo bazel-test bazel-check
+.PHONY: venv demo test test-fast clean-demo bazel-test bazel-check
 
 venv: $(STAMP)
 
@@ -23,8 +25,13 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 demo: $(STAMP)
 	bash tools/demo.sh $(RUNS)
 
+# Both tiers include tests/tools/test_check_bazel_deps.py, which checks every BUILD file
+# against the imports without Bazel.
 test: $(STAMP) $(WHEELHOUSE_STAMP)
 	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 --durations=15 -m "not slow" tests
 
 clean-demo:
 	rm -rf $(RUNS)
@@ -34,7 +41,7 @@ clean-demo:
 bazel-test: $(STAMP)
 	bash tools/bazel_test.sh
 
-# Quick Bazel check: BUILD deps match imports, every target builds, two fast tests (~1 min).
+# Quick Bazel check: BUILD deps match imports, every target builds, four fast tests (~1 min).
 bazel-check: $(STAMP)
 	bash tools/bazel_test.sh --quick
 

@@ -31,6 +31,7 @@ import io
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -418,9 +419,11 @@ def measure_serving(quick: bool, calls: int) -> dict:
     from comdefend_tf.training import precision as precision_lib
     from comdefend_tf.config import get_config
     try:
+        from comdefend_tf.serving import export as serving_export
         from comdefend_tf.serving import signatures as serving
+        from comdefend_tf.serving.settings import ExportSettings
     except ImportError as error:
-        return {"error": f"comdefend_tf.serving.signatures is not importable: {error}"}
+        return {"error": f"comdefend_tf.serving is not importable: {error}"}
     from PIL import Image
 
     side = 64 if quick else 224
@@ -434,8 +437,8 @@ def measure_serving(quick: bool, calls: int) -> dict:
     png_tensor = tf.constant([png.getvalue()])
     raw_function = tf.function(lambda x: model(x, training=False))
     with tempfile.TemporaryDirectory() as export_base:
-        settings = serving.ExportSettings(inference_noise_std=0.0)
-        version_dir = serving.export_savedmodel(model, export_base, settings=settings)
+        settings = ExportSettings(inference_noise_std=0.0)
+        version_dir = serving_export.export_savedmodel(model, export_base, settings=settings)
         loaded = tf.saved_model.load(version_dir)
         purify = loaded.signatures[serving.SIGNATURE_PURIFY]
         purify_bytes = loaded.signatures[serving.SIGNATURE_PURIFY_BYTES]
@@ -553,7 +556,30 @@ def targets(results: dict) -> list[dict]:
     return rows
 
 
-def markdown(results: dict) -> str:
+ANALYSIS_HEADING = "## Analysis"
+ANALYSIS_STALE_NOTE = ("*Written for an earlier run (the date above): the tables are newer. "
+                       "Rewrite this analysis for them.*")
+
+
+def hand_written_analysis(previous_markdown: str | None, date: str) -> str:
+    """The hand-written ``## Analysis`` section of an earlier BENCHMARKS.md, to carry over when
+    the tables are regenerated ("" when there is none). Its heading names the run it was
+    written for (``## Analysis (written by hand for the run of DATE)``); when that is not
+    ``date``, a note says the tables are newer. The analysis is the one place where the tables
+    are interpreted, so it is kept rather than lost, and never passed off as this run's."""
+    if not previous_markdown or f"\n{ANALYSIS_HEADING}" not in previous_markdown:
+        return ""
+    section = previous_markdown[previous_markdown.index(f"\n{ANALYSIS_HEADING}") + 1:]
+    heading, _, body = section.partition("\n")
+    written_for = re.search(r"for the run of ([^;)]+)", heading)
+    if written_for and written_for.group(1).strip() != date and ANALYSIS_STALE_NOTE not in body:
+        body = f"\n{ANALYSIS_STALE_NOTE}\n" + body
+    return f"{heading}\n{body.rstrip()}\n"
+
+
+def markdown(results: dict, previous_markdown: str | None = None) -> str:
+    """BENCHMARKS.md for ``results``: generated tables, then the hand-written analysis of an
+    earlier file (``hand_written_analysis``), if any."""
     info = results["machine"]
     lines = [
         "# ComDefend benchmarks", "",
@@ -658,7 +684,9 @@ def markdown(results: dict) -> str:
                          f"{row['max_abs_difference']:.4f} |")
     if results.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {note}" for note in results["notes"]]
-    return "\n".join(lines) + "\n"
+    analysis = "" if results["quick"] else hand_written_analysis(previous_markdown,
+                                                                  results["date"])
+    return "\n".join(lines) + "\n" + (f"\n{analysis}" if analysis else "")
 
 
 def main(argv):
@@ -726,8 +754,12 @@ def main(argv):
         markdown_path = (os.path.join(FLAGS.output_dir, "BENCHMARKS_quick.md") if quick
                          else "BENCHMARKS.md")
     if markdown_path:
-        with open(markdown_path, "w") as handle:
-            handle.write(markdown(results))
+        previous = None
+        if os.path.exists(markdown_path):
+            with open(markdown_path) as handle:
+                previous = handle.read()
+        from comdefend_tf.io.atomic import write_text_atomic
+        write_text_atomic(markdown_path, markdown(results, previous))
         print(f"Wrote {markdown_path}")
     for row in results["targets"]:
         print(f"{'met ' if row['met'] else 'MISS'}  {row['target']}: {row['measured']}")

@@ -13,7 +13,8 @@ lambda_code * mean(soft_code**2)`` with ``soft_code = sigmoid(noisy)``. All conv
 3x3, stride 1, "same", so both networks are fully convolutional: any height and width.
 
 Everything here uses ``keras.ops``: the model runs on every Keras 3 backend. Training with
-``fit`` works on any backend; the distributed custom loop lives in ``comdefend_tf.training.purifier``.
+``fit`` works on any backend; the distributed custom loop lives in
+``comdefend_tf.training.purifier``.
 """
 
 from __future__ import annotations

@@ -1,26 +1,14 @@
-"""Patch-wise purification of images of any size, with memory bounded by the patch batch.
+"""Patch-wise purification of images of any size: the tile geometry and its static-shape use.
 
-The authors' release cuts a 224x224 image into a 7x7 grid of 32x32 tiles, purifies each tile
-alone (its own zero padding and noise draw) and stitches them back. This module generalises that:
-
-* ``patch_size`` p: each output tile is p x p (smaller when the image is).
-* ``overlap`` o: every tile is purified with up to o pixels of real image context on each side,
-  which is cropped away afterwards. ComDefend's receptive field radius is the number of
-  convolutions in both networks (18 for ``paper``); with o >= that radius patch-wise output
-  equals whole-image output exactly, while o = 0 reproduces the release's seams.
-* Edges that do not divide evenly: the last tile of a row or column is moved inward so it
-  ends at the image edge; it only contributes the pixels no earlier tile owns. Windows never
-  leave the image, so no artificial padding content is ever purified.
-* Memory: at most ``batch_size`` windows are in the network at once, whatever the image size.
-  ``exact_tiling`` picks the tile size, overlap (the receptive-field radius) and batch so that
-  one call holds at most a given number of window pixels, and ``whole_image_pixel_budget``
-  derives that number from the model's widths and an activation-memory target (2 GiB:
-  349,525 pixels for the ``paper`` widths, whose whole-image mode needs about 6 KB per pixel,
-  tens of GB for a 24-megapixel photo).
-
-All windows of one image have the same shape, so tiles from every image in the batch share
-network calls. Works with any callable from images to images (a ComDefend model, a baseline
-defense) and on every Keras backend; the geometry is computed from static shapes in Python.
+Images are float ``[batch, height, width, channels]`` in [0, 1]. Output tiles are
+``patch_size`` on a side (smaller when the image is); each is purified in a window with up to
+``overlap`` pixels of real context per side, cropped afterwards; the last tile of a row or
+column moves inward, and windows never leave the image. With ``overlap`` >= the receptive
+field radius (``receptive_field_radius``) tiled output equals whole-image output; 0 reproduces
+the authors' release (32x32 tiles, seams). ``axis_tiling``/``window_start`` are the geometry,
+for Python ints and for the SavedModel's int32 tensors alike; at most ``batch_size`` windows
+are in the network at once. Bad arguments raise ``ValueError``. Memory measurements:
+docs/internals/serving.md.
 """
 
 from __future__ import annotations
@@ -30,6 +18,29 @@ import math
 from typing import Callable
 
 from keras import ops
+
+
+def axis_tiling(length, patch_size, overlap, minimum=min):
+    """The tiling of one image axis of ``length`` pixels: ``(patch, window, count)``.
+
+    ``patch``: the tile side (``patch_size``, or ``length`` when shorter); ``window``: the tile
+    plus ``overlap`` context pixels per side, clipped to the axis; ``count``: the number of
+    tiles. Tile ``i`` owns pixels ``[i * patch, min((i + 1) * patch, length))``. Works on
+    Python ints (the default ``minimum``) and on integer tensors (``minimum=tf.minimum``, as
+    the SavedModel export does): one geometry for both.
+    """
+    patch = minimum(patch_size, length)
+    window = minimum(patch + 2 * overlap, length)
+    count = (length + patch - 1) // patch
+    return patch, window, count
+
+
+def window_start(tile_index, length, patch, window, overlap, minimum=min, maximum=max):
+    """Where the window of tile ``tile_index`` (an int, or an integer tensor of indices with
+    tensor ``minimum``/``maximum``) starts: ``overlap`` pixels before the tile, never outside
+    the axis; the last tile moves inward so that it ends at the edge."""
+    tile_start = minimum(tile_index * patch, length - patch)
+    return minimum(maximum(tile_start - overlap, 0), length - window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,17 +53,14 @@ class _Axis:
 
 
 def _tile_axis(length: int, patch_size: int, overlap: int) -> _Axis:
-    patch = min(patch_size, length)
-    window = min(patch + 2 * overlap, length)
-    count = -(-length // patch)
+    patch, window, count = axis_tiling(length, patch_size, overlap)
     starts, keep = [], []
     for index in range(count):
         owned_start = index * patch
         owned_end = min(owned_start + patch, length)
-        tile_start = min(owned_start, length - patch)  # last tile moves inward
-        window_start = min(max(tile_start - overlap, 0), length - window)
-        starts.append(window_start)
-        keep.append((owned_start - window_start, owned_end - owned_start))
+        start = window_start(index, length, patch, window, overlap)
+        starts.append(start)
+        keep.append((owned_start - start, owned_end - owned_start))
     return _Axis(window, tuple(starts), tuple(keep))
 
 
@@ -118,10 +126,9 @@ def purify_patchwise(purify_fn: Callable, images, patch_size: int = 32, overlap:
     return ops.stack(stitched)
 
 
-# Peak activation memory of one whole-image call, per pixel, is about the largest
-# (input + output channels) of any convolution, in float32, times this factor: the convolution
-# workspace and the allocator's slack. Measured on CPU (oneDNN) with the paper widths: 5.2-5.3
-# KB per pixel at 256x256 and 512x512 against 1.5 KB of input + output maps, a factor of 3.5.
+# Peak activation memory per pixel of one whole-image call is about the largest (input +
+# output channels) of any convolution, in float32, times this factor (the convolution
+# workspace and allocator slack; measured 3.5 on CPU, see docs/internals/serving.md).
 ACTIVATION_OVERHEAD = 4
 DEFAULT_ACTIVATION_MEMORY_BYTES = 2 * 2**30
 

@@ -18,7 +18,8 @@ Flags this program does not define are Beam pipeline options (``--runner``,
 ``--direct_num_workers``, ``--project``...). Without ``--runner`` (or with ``DirectRunner``,
 which first tries to download the Prism runner) the pipeline runs on ``FnApiRunner``. Cluster
 invocations (Dataflow, Flink, Spark): docs/beam.md. Exit status 0 when every input was
-purified, 1 when some were refused (see the dead letters), 2 on a bad request.
+purified; 1 when the run could not start (flags, inputs, model, output folder; nothing written);
+2 when it finished but some inputs were refused (each named in the dead letters).
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ import sys
 
 from absl import app, flags
 
+from comdefend_tf.cli import exit_codes
+from comdefend_tf.cli import flags as shared_flags
+
 FLAGS = flags.FLAGS
+shared_flags.define_inference_noise_flag()
 flags.DEFINE_string("input", None, "Image folder, quoted glob ('photos/*/*.png'), "
                     "tfrecord:GLOB or tfds:NAME.")
 flags.DEFINE_string("output_dir", None, "Folder for the TFRecords, dead letters and manifest; "
@@ -46,13 +51,13 @@ flags.DEFINE_integer("max_pixels", None, "Refuse (too_large) images declaring mo
 flags.DEFINE_integer("max_bytes", None, "Refuse (too_large) encoded images larger than this "
                      "many bytes, before reading them. Default: the purify command's "
                      "(comdefend_tf.io.images.DEFAULT_MAX_BYTES).", lower_bound=1)
+flags.DEFINE_integer("max_files", None, "Stop before any work if --input matches more files "
+                     "than this. Default: the purify command's "
+                     "(comdefend_tf.purification.plan.DEFAULT_MAX_FILES).", lower_bound=1)
 flags.DEFINE_integer("tile_above_pixels", None, "--model_dir only: purify images of more "
                      "pixels than this in exact tiles, as the purify command does (same "
                      "result, bounded memory). Default: the model's budget; 0: never.",
                      lower_bound=0)
-flags.DEFINE_float("inference_noise_std", None, "Code noise standard deviation (0: "
-                   "deterministic, byte-identical to the purify command). Default: the model's "
-                   "own. --model_dir only: an export carries its own.", lower_bound=0.0)
 flags.DEFINE_integer("seed", None, "Seed of the code noise (--model_dir only). Every worker "
                      "replays the same draws.")
 flags.DEFINE_bool("code_bits", False, "Also store each image's code bits (packed) in its "
@@ -78,38 +83,39 @@ def _main(argv):
     import logging
 
     from comdefend_tf import optional
+    from comdefend_tf.purification import refusals
 
     try:
-        from comdefend_tf.purification import beam as beam_purify
+        from comdefend_tf.purification import outputs, pipeline
     except optional.MissingExtra as error:  # one line naming the [beam] extra
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        print(refusals.error_line(error), file=sys.stderr)
+        return exit_codes.COULD_NOT_START
 
     logging.getLogger("apache_beam").setLevel(FLAGS.beam_log_level.upper())
 
     pipeline_args = argv[1:]
     settings = {"max_pixels": FLAGS.max_pixels, "max_bytes": FLAGS.max_bytes,
-                "tile_above_pixels": FLAGS.tile_above_pixels}
+                "max_files": FLAGS.max_files, "tile_above_pixels": FLAGS.tile_above_pixels}
     try:
-        options = beam_purify.PurifyOptions(
+        options = pipeline.PurifyOptions(
             input=FLAGS.input, output_dir=FLAGS.output_dir, model_dir=FLAGS.model_dir,
             saved_model_dir=FLAGS.saved_model_dir, batch_size=FLAGS.batch_size,
             num_shards=FLAGS.num_shards, inference_noise_std=FLAGS.inference_noise_std,
             seed=FLAGS.seed, include_code_bits=FLAGS.code_bits, write_pngs=FLAGS.write_pngs,
             overwrite=FLAGS.overwrite, data_dir=FLAGS.data_dir, tfds_split=FLAGS.tfds_split,
             **{key: value for key, value in settings.items() if value is not None})
-        manifest = beam_purify.run_purify_pipeline(options, pipeline_args)
-    except (beam_purify.PurifyPipelineError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        manifest = pipeline.run_purify_pipeline(options, pipeline_args)
+    except (pipeline.PurifyPipelineError, FileNotFoundError) as error:
+        print(refusals.error_line(error), file=sys.stderr)
+        return exit_codes.COULD_NOT_START
     reasons = ", ".join(f"{count} {reason}" for reason, count
                         in manifest["refused_by_reason"].items() if count)
     print(f"inputs {manifest['inputs']}, purified {manifest['purified']}, refused "
           f"{manifest['refused']}{f' ({reasons})' if reasons else ''}; "
           f"{manifest['input_bytes']} bytes in, {manifest['output_bytes']} bytes out, "
           f"{manifest['seconds']:.1f} s on {manifest['runner']}; manifest "
-          f"{FLAGS.output_dir}/{beam_purify.MANIFEST_FILENAME}")
-    return 1 if manifest["refused"] else 0
+          f"{FLAGS.output_dir}/{outputs.MANIFEST_FILENAME}")
+    return exit_codes.SOME_REFUSED if manifest["refused"] else exit_codes.OK
 
 
 def main():

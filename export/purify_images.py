@@ -39,7 +39,12 @@ import sys
 
 from absl import app, flags
 
+from comdefend_tf.cli import exit_codes
+from comdefend_tf.cli import flags as shared_flags
+
 FLAGS = flags.FLAGS
+shared_flags.define_inference_noise_flag()
+shared_flags.define_precision_flag(choices=("float32", "bfloat16"))
 flags.DEFINE_string("model_dir", None, "Model directory holding comdefend.keras (from "
                     "train.train_comdefend or train.import_reference_weights), or a .keras file.")
 flags.DEFINE_string("input", None, "An image file, a folder (its .png/.jpg/.jpeg files) or a "
@@ -54,18 +59,11 @@ flags.DEFINE_integer("overlap", 0, "Context pixels added on each side of every t
                      "seams.", lower_bound=0)
 flags.DEFINE_integer("batch_size", 64, "Tiles per network call (bounds memory with "
                      "--patch_size).", lower_bound=1)
-flags.DEFINE_float("inference_noise_std", None, "Standard deviation of the code noise (0: "
-                   "deterministic; the release used 1.0). Default: the model's own setting.",
-                   lower_bound=0.0)
 flags.DEFINE_enum("channel_order", "rgb", ["rgb", "bgr"], "Channel order fed to the network. "
                   "'rgb' is correct for the released and our models; 'bgr' only reproduces the "
                   "authors' ImageNet script, which read images with OpenCV. Output files are "
                   "always written in normal RGB order.")
 flags.DEFINE_integer("seed", None, "Seed of the inference noise (repeatable runs).")
-flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16"], "Compute precision. "
-                  "bfloat16 (Keras mixed_bfloat16 policy via comdefend_tf.training.precision: bf16 "
-                  "convolutions, float32 weights, code logits and outputs) is faster on CPUs "
-                  "with bf16 units but changes outputs by a few grey levels.")
 flags.DEFINE_enum("uint8_conversion", "round", ["round", "truncate"], "How outputs become "
                   "uint8: 'round' (correct) or 'truncate', the release's astype(uint8), only to "
                   "reproduce the authors' files.")
@@ -86,7 +84,7 @@ flags.DEFINE_integer("max_file_bytes", None, "Refuse input files larger than thi
                      "(536,870,912 = 512 MiB).", lower_bound=1)
 flags.DEFINE_integer("max_files", None, "Stop before any work if --input matches more files "
                      "than this (the list of names is held in memory, about 0.3 KB per file). "
-                     "Default: comdefend_tf.io.images.DEFAULT_MAX_FILES (1,000,000).",
+                     "Default: comdefend_tf.io.listing.DEFAULT_MAX_FILES (1,000,000).",
                      lower_bound=1)
 flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
 flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
@@ -97,43 +95,28 @@ def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from comdefend_tf.io import images as image_io
-    from comdefend_tf.training import precision
-    from comdefend_tf.weights import importer as reference
     from comdefend_tf.model import load_comdefend
-    from comdefend_tf.patches import exact_tiling
-    from comdefend_tf.purification.files import OutputPlanError, plan_outputs, purify_files
-
-    def fail(message):
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+    from comdefend_tf.purification import files, plan, refusals
+    from comdefend_tf.training import precision
+    from comdefend_tf.weights import parity
 
     def chosen(value, default):
         return default if value is None else value
 
     try:
-        listing = image_io.list_images(
-            FLAGS.input, chosen(FLAGS.max_files, image_io.DEFAULT_MAX_FILES))
-        pairs = plan_outputs(listing.paths, FLAGS.output_dir, FLAGS.overwrite)
+        listing = plan.list_files(FLAGS.input, chosen(FLAGS.max_files, plan.DEFAULT_MAX_FILES))
+        pairs = plan.plan_outputs(listing.paths, FLAGS.output_dir, FLAGS.overwrite)
         model = load_comdefend(FLAGS.model_dir, inference_noise_std=FLAGS.inference_noise_std,
                                seed=FLAGS.seed)
-    except (FileNotFoundError, OutputPlanError, ValueError) as error:
-        return fail(error)
-    if model.config.input_channels not in (1, 3):
-        return fail(f"the model takes {model.config.input_channels}-channel images; image files "
-                    f"are read as grey (1) or RGB (3)")
-    if FLAGS.channel_order == "bgr" and model.config.input_channels != 3:
-        return fail(f"--channel_order=bgr needs a 3-channel model; this one has "
-                    f"{model.config.input_channels}")
-    if FLAGS.tile_above_pixels:
-        try:  # a budget too small for exact tiles is refused before any work
-            exact_tiling(model.config, 1, 1, FLAGS.tile_above_pixels)
-        except ValueError as error:
-            return fail(f"--tile_above_pixels: {error}")
+        files.check_settings(model, FLAGS.channel_order, FLAGS.tile_above_pixels)
+    except (FileNotFoundError, ValueError) as error:
+        print(refusals.error_line(error), file=sys.stderr)
+        return exit_codes.COULD_NOT_START
     model = precision.convert_model(model, FLAGS.precision)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
-    to_uint8 = (reference.truncate_to_uint8 if FLAGS.uint8_conversion == "truncate"
+    to_uint8 = (parity.truncate_to_uint8 if FLAGS.uint8_conversion == "truncate"
                 else image_io.to_uint8)
-    summary = purify_files(
+    summary = files.purify_files(
         model, pairs, patch_size=FLAGS.patch_size, overlap=FLAGS.overlap,
         channel_order=FLAGS.channel_order, batch_size=FLAGS.batch_size, to_uint8=to_uint8,
         progress=FLAGS.progress, tile_above_pixels=FLAGS.tile_above_pixels,
@@ -145,8 +128,8 @@ def _main(argv):
         print(f"{len(summary.failures)} input(s) refused:", file=sys.stderr)
         for line in summary.refusals():
             print(f"  {line}", file=sys.stderr)
-        return 2
-    return 0
+        return exit_codes.SOME_REFUSED
+    return exit_codes.OK
 
 
 def main():

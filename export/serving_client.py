@@ -20,6 +20,8 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from comdefend_tf.cli import exit_codes
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("server", None, "host:port of the model server (REST: "
                     "--rest_api_port, usually 8501; gRPC: --port, usually 8500). Default: "
@@ -77,10 +79,10 @@ def main(argv):
                                  FLAGS.protocol, FLAGS.model_version, FLAGS.timeout_s)
     except (OSError, ValueError, RuntimeError, optional.MissingExtra) as error:
         print(f"serving_client: {error}", file=sys.stderr)
-        return 1
+        return exit_codes.COULD_NOT_START
     except Exception as error:  # grpc.RpcError and requests errors carry the server's reason
         print(f"serving_client: request failed: {error}", file=sys.stderr)
-        return 1
+        return exit_codes.COULD_NOT_START
 
     if "class_ids" in outputs:
         probabilities = outputs.get("probabilities")
@@ -100,7 +102,7 @@ def main(argv):
         print(f"wrote {len(output_paths)} purified image(s) to {FLAGS.output_dir}")
     elif purified is not None:
         print(f"received {len(purified)} purified image(s); pass --output_dir to save them")
-    return 0
+    return exit_codes.OK
 
 
 def run():

@@ -5,6 +5,10 @@ relative to the workspace root (``$(rootpath ...)`` in tests/BUILD). pytest's ca
 off because runfiles are read-only, and a JUnit XML report is written where Bazel asks for one
 (``XML_OUTPUT_FILE``) so ``bazel test`` records every test case. The exit status is pytest's,
 so a file with no collected tests (status 5) fails the target rather than passing silently.
+
+Python puts this script's folder, tests/ (symlinks resolved), first on ``sys.path``; it is
+taken off again, since the test folders mirror the library's names (tests/tools,
+tests/training, ...) and would shadow the real top-level packages such as ``tools``.
 """
 
 import os
@@ -18,6 +22,9 @@ def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print("usage: bazel_pytest_main.py TEST_FILE [PYTEST_ARGS...]", file=sys.stderr)
         return 2
+    tests_dir = os.path.dirname(os.path.realpath(__file__))
+    sys.path[:] = [entry for entry in sys.path
+                   if not entry or os.path.realpath(entry) != tests_dir]
     pytest_args = ["-p", "no:cacheprovider", "-q", *argv[1:]]
     junit_path = os.environ.get("XML_OUTPUT_FILE")
     if junit_path:

@@ -7,7 +7,7 @@ import keras
 
 from comdefend_tf import ComDefend, get_config, load_comdefend, save_comdefend
 from comdefend_tf.io import datasets as data_lib
-from comdefend_tf.serving import signatures as serving
+from comdefend_tf.serving.export import export_savedmodel
 
 IMAGE_SHAPE = (8, 8, 1)
 
@@ -100,7 +100,7 @@ def test_fine_tuning_a_classifier_behind_a_frozen_purifier(purifier, digits):
 
 
 def test_an_export_composes_as_a_keras_layer(purifier, digits, tmp_path):
-    version_dir = serving.export_savedmodel(purifier, str(tmp_path))
+    version_dir = export_savedmodel(purifier, str(tmp_path))
     served_purifier = keras.layers.TFSMLayer(version_dir, call_endpoint="purify")
     classifier = _classifier()
     images_in = keras.Input(IMAGE_SHAPE)

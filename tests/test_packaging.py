@@ -243,8 +243,9 @@ def test_console_entry_turns_a_missing_library_into_one_line():
     assert set(console.PROGRAMS) == {module.rsplit(".", 1)[1]
                                      for module in wheel_check.binaries(REPO_ROOT)}
     # The installed layout is comdefend_tf.train.evaluate; in a checkout, train.evaluate.
-    result = _run_hiding(("cleverhans",), ["comdefend-evaluate", "--help"],
-                         "from comdefend_tf import console; console.run_program('train.evaluate')")
+    result = _run_hiding(
+        ("cleverhans",), ["comdefend-evaluate", "--help"],
+        "from comdefend_tf.cli import console; console.run_program('train.evaluate')")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == (
         "error: comdefend_tf.attacks needs cleverhans (No module named 'cleverhans'): "

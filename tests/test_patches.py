@@ -5,8 +5,9 @@ import pytest
 
 from comdefend_tf.config import get_config
 from comdefend_tf.model import ComDefend
-from comdefend_tf.patches import (activation_bytes_per_pixel, exact_tiling, purify_patchwise,
-                                  receptive_field_radius, whole_image_pixel_budget)
+from comdefend_tf.patches import (activation_bytes_per_pixel, axis_tiling, exact_tiling,
+                                  purify_patchwise, receptive_field_radius,
+                                  whole_image_pixel_budget, window_start)
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +110,24 @@ def test_activation_estimate_uses_the_widest_convolution():
     assert activation_bytes_per_pixel(get_config("paper")) == 4 * (128 + 256) * 4
     assert activation_bytes_per_pixel(get_config("tiny")) == 4 * (8 + 12) * 4
     assert whole_image_pixel_budget(get_config("paper"), 6144 * 1000) == 1000
+
+
+@pytest.mark.parametrize("patch_size, overlap", [(1, 0), (3, 2), (8, 0), (8, 6), (50, 3)])
+def test_one_axis_geometry_for_python_ints_and_graph_tensors(patch_size, overlap):
+    """The served graph evaluates the same geometry on int32 tensors: identical windows, each
+    inside the axis and holding the pixels its tile owns."""
+    import tensorflow as tf
+
+    for length in range(1, 41, 3):
+        patch, window, count = axis_tiling(length, patch_size, overlap)
+        starts = [window_start(index, length, patch, window, overlap) for index in range(count)]
+        graph_patch, graph_window, graph_count = axis_tiling(
+            tf.constant(length), patch_size, overlap, minimum=tf.minimum)
+        graph_starts = window_start(tf.range(graph_count), tf.constant(length), graph_patch,
+                                    graph_window, overlap, minimum=tf.minimum, maximum=tf.maximum)
+        assert (int(graph_patch), int(graph_window), int(graph_count)) == (patch, window, count)
+        assert graph_starts.numpy().tolist() == starts
+        assert count * patch >= length > (count - 1) * patch
+        for index, start in enumerate(starts):
+            owned_end = min((index + 1) * patch, length)
+            assert 0 <= start <= index * patch and owned_end <= start + window <= length

@@ -3,10 +3,11 @@
 #
 #   tools/bazel_test.sh          every target built, every test run (bazel test //...)
 #   tools/bazel_test.sh --quick  BUILD files checked against the imports, every target built,
-#                                and two fast tests run through the Bazel toolchain
+#                                and four fast tests run through the Bazel toolchain
 #
 # Steps: tools/bazel_setup.sh (installs Bazel if needed, writes the machine-specific files),
-# tools/check_bazel_deps.py (BUILD deps match the imports), bazel build/test, a closing
+# tools/check_bazel_deps.py --bazel=bazel (BUILD deps match the imports, and its own reading of
+# the BUILD files matches `bazel query`'s), bazel build/test, a closing
 # "bazel: N passed, N failed, N skipped" line summed over the pytest cases, and always
 # `bazel shutdown` so no Bazel server outlives the command. Extra arguments after the mode
 # go to `bazel test` (e.g. --nocache_test_results).
@@ -16,7 +17,8 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 cd "${repo_root}"
 python_bin="${PYTHON:-${repo_root}/.venv/bin/python}"
 
-quick_tests=(//tests:test_check_bazel_deps //tests:test_layers)
+quick_tests=(//tests:tools/test_check_bazel_deps //tests:tools/test_test_tiers
+             //tests:tools/test_bazel_pytest_main //tests:test_layers)
 mode="full"
 if [[ "${1:-}" == "--quick" ]]; then
   mode="quick"
@@ -26,7 +28,7 @@ fi
 bash tools/bazel_setup.sh || exit 1
 trap 'bazel shutdown >/dev/null 2>&1 || true' EXIT
 
-"${python_bin}" tools/check_bazel_deps.py || exit 1
+"${python_bin}" tools/check_bazel_deps.py --bazel=bazel || exit 1
 
 if [[ "${mode}" == "quick" ]]; then
   bazel build //... || exit 1

@@ -171,8 +171,11 @@ def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from comdefend_tf.io import images as image_io
-    from comdefend_tf.weights import importer as reference
+    from comdefend_tf.training.reconstruction import code_statistics
+    from comdefend_tf.weights import importer
+    from comdefend_tf.weights.parity import truncate_to_uint8, uint8_agreement
     from comdefend_tf.purification import files as purify_files
+    from comdefend_tf.purification import plan as purify_plan
 
     reference_dir = Path(FLAGS.reference_dir) if FLAGS.reference_dir else _default_reference_dir()
     if not (reference_dir / "imagenet" / "attack").is_dir():
@@ -184,10 +187,10 @@ def _main(argv):
     start = time.perf_counter()
 
     weights = reference_dir / "weights"
-    rgb_model, rgb_provenance = reference.load_reference_model(
+    rgb_model, rgb_provenance = importer.load_reference_model(
         *(str(weights / f) for f in RGB_FILES))
     rgb_sigma1 = rgb_model.with_inference(noise_std=1.0, seed=FLAGS.seed)
-    gray_model, gray_provenance = reference.load_reference_model(
+    gray_model, gray_provenance = importer.load_reference_model(
         *(str(weights / f) for f in GRAY_FILES))
 
     attack_dir = reference_dir / "imagenet" / "attack"
@@ -197,23 +200,23 @@ def _main(argv):
     # 1. The release's pipeline, through the purify command's code.
     runs = {
         "authors_sigma1": (rgb_sigma1, dict(patch_size=PATCH, channel_order="bgr",
-                                            to_uint8=reference.truncate_to_uint8)),
+                                            to_uint8=truncate_to_uint8)),
         "authors_sigma0": (rgb_model, dict(patch_size=PATCH, channel_order="bgr",
-                                           to_uint8=reference.truncate_to_uint8)),
+                                           to_uint8=truncate_to_uint8)),
         "ours_whole": (rgb_model, dict()),
         "ours_tiles_overlap": (rgb_model, dict(patch_size=PATCH, overlap=OVERLAP)),
     }
     seconds = {}
     for run_name, (model, settings) in runs.items():
-        pairs = purify_files.plan_outputs(inputs, str(output_dir / run_name), overwrite=True)
+        pairs = purify_plan.plan_outputs(inputs, str(output_dir / run_name), overwrite=True)
         seconds[run_name] = _purify_folder(model, pairs, **settings).seconds
     ours = {run: {n: _read_uint8(output_dir / run / n) for n in names} for run in runs}
     # Controls kept in memory: they show which pipeline made the authors' files.
     attack_float = {n: image_io.read_image(str(attack_dir / n), channels=3) for n in names}
     controls = {
-        "bgr_whole_sigma0": {n: reference.truncate_to_uint8(purify_files.purify_array(
+        "bgr_whole_sigma0": {n: truncate_to_uint8(purify_files.purify_array(
             rgb_model, attack_float[n], channel_order="bgr")) for n in names},
-        "rgb_tiles_sigma0": {n: reference.truncate_to_uint8(purify_files.purify_array(
+        "rgb_tiles_sigma0": {n: truncate_to_uint8(purify_files.purify_array(
             rgb_model, attack_float[n], patch_size=PATCH)) for n in names},
     }
 
@@ -227,9 +230,9 @@ def _main(argv):
     for n in names:
         row = {}
         for run in ("authors_sigma1", "authors_sigma0"):
-            row[run] = reference.uint8_agreement(ours[run][n], theirs[n])
+            row[run] = uint8_agreement(ours[run][n], theirs[n])
         for run, images in controls.items():
-            row[run] = reference.uint8_agreement(images[n], theirs[n])
+            row[run] = uint8_agreement(images[n], theirs[n])
         row["psnr_vs_attack"] = {
             "authors_defend": _psnr_u8(attack[n], theirs[n]),
             "authors_sigma0": _psnr_u8(attack[n], ours["authors_sigma0"][n]),
@@ -250,34 +253,34 @@ def _main(argv):
                              for t in tile_names])
     bgr_tiles = np.ascontiguousarray(tiles_in[..., ::-1])
     tile_agreement = {
-        "bgr_sigma0_truncate": reference.uint8_agreement(reference.truncate_to_uint8(
+        "bgr_sigma0_truncate": uint8_agreement(truncate_to_uint8(
             np.asarray(rgb_model(bgr_tiles))[..., ::-1]), tiles_theirs),
-        "bgr_sigma1_truncate": reference.uint8_agreement(reference.truncate_to_uint8(
+        "bgr_sigma1_truncate": uint8_agreement(truncate_to_uint8(
             np.asarray(rgb_sigma1(bgr_tiles))[..., ::-1]), tiles_theirs),
-        "bgr_sigma0_round": reference.uint8_agreement(reference.round_to_uint8(
+        "bgr_sigma0_round": uint8_agreement(image_io.to_uint8(
             np.asarray(rgb_model(bgr_tiles))[..., ::-1]), tiles_theirs),
-        "rgb_sigma0_truncate": reference.uint8_agreement(reference.truncate_to_uint8(
+        "rgb_sigma0_truncate": uint8_agreement(truncate_to_uint8(
             np.asarray(rgb_model(tiles_in))), tiles_theirs),
     }
 
     # 3. Code-logit statistics of both released models.
     stack = np.stack([attack_float[n] for n in names])
     code_stats = {
-        "rgb_model_49_tiles_rgb": reference.code_statistics(rgb_model.encoder(tiles_in)),
-        "rgb_model_7_images_whole_rgb": reference.code_statistics(rgb_model.encoder(stack)),
-        "rgb_model_7_images_whole_bgr": reference.code_statistics(
+        "rgb_model_49_tiles_rgb": code_statistics(rgb_model.encoder(tiles_in)),
+        "rgb_model_7_images_whole_rgb": code_statistics(rgb_model.encoder(stack)),
+        "rgb_model_7_images_whole_bgr": code_statistics(
             rgb_model.encoder(np.ascontiguousarray(stack[..., ::-1]))),
-        "gray_model_7_images_whole_gray": reference.code_statistics(gray_model.encoder(
+        "gray_model_7_images_whole_gray": code_statistics(gray_model.encoder(
             np.stack([image_io.read_image(str(attack_dir / n), channels=1) for n in names]))),
     }
     if FLAGS.mnist_digits:
         from comdefend_tf.io import datasets as data
         digits = data.load_dataset("mnist5k")
         digit_images, _ = data.take_arrays(digits.test, FLAGS.mnist_digits)
-        code_stats[f"gray_model_{len(digit_images)}_mnist_digits"] = reference.code_statistics(
+        code_stats[f"gray_model_{len(digit_images)}_mnist_digits"] = code_statistics(
             gray_model.encoder(digit_images))
         code_stats[f"rgb_model_{len(digit_images)}_mnist_digits_as_rgb"] = \
-            reference.code_statistics(rgb_model.encoder(np.repeat(digit_images, 3, axis=-1)))
+            code_statistics(rgb_model.encoder(np.repeat(digit_images, 3, axis=-1)))
 
     parity = None
     if (reference_dir / "expected").is_dir():
@@ -382,10 +385,11 @@ def _tables(names, per_image, tiles, code_stats, parity, checks) -> str:
               "| set | values | median abs | abs < 1 | abs < 0.1 | max abs | ones | expected "
               "sigma=1 flip rate |", "|---|---|---|---|---|---|---|---|"]
     for key, s in code_stats.items():
-        lines.append(f"| {key} | {s['values']:,} | {s['median_abs']:.2f} | "
-                     f"{100 * s['below_1']:.3f} % | {100 * s['below_0_1']:.3f} % | "
-                     f"{s['max_abs']:.1f} | {100 * s['ones']:.1f} % | "
-                     f"{100 * s['flip_rate_sigma1']:.3f} % |")
+        lines.append(f"| {key} | {s['num_logits']:,} | {s['median_abs_logit']:.2f} | "
+                     f"{100 * s['near_zero_fraction']:.3f} % | "
+                     f"{100 * s['near_zero_0_1_fraction']:.3f} % | "
+                     f"{s['max_abs_logit']:.1f} | {100 * s['ones_fraction']:.1f} % | "
+                     f"{100 * s['noise1_flip_rate']:.3f} % |")
 
     if parity:
         lines += ["", "### Parity with the float64 reference arrays", "",

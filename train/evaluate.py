@@ -31,41 +31,33 @@ import warnings
 from absl import app, flags
 
 from comdefend_tf import attacks as attacks_lib
-from comdefend_tf.training import classifier as classifiers
+from comdefend_tf.cli import flags as cli_flags
+from comdefend_tf.evaluation import baselines
+from comdefend_tf.evaluation import cpu_time, figure4, modes, paper, report, threat_models
 from comdefend_tf.io import datasets as data_lib
-from comdefend_tf.evaluation import baselines as defenses_lib
+from comdefend_tf.model import load_comdefend
+from comdefend_tf.training import classifier as classifiers
 from comdefend_tf.training import precision
 from comdefend_tf.training import provenance
-from comdefend_tf.evaluation import cpu_time, figure4, modes, paper, report, threat_models
-from comdefend_tf.model import load_comdefend
 
-if __package__:  # python -m train.evaluate, or installed as comdefend_tf.train
-    from . import flags_common
-else:  # run as a script (bazel run //train:evaluate): the runfiles root is on sys.path
-    from train import flags_common
-
-flags_common.define_data_flags()
-flags.DEFINE_string("classifier_dir", None, "Directory holding classifier.keras "
-                    "(python -m train.train_classifier), or the .keras file.")
-flags.DEFINE_string("comdefend_dir", None, "Directory holding comdefend.keras "
-                    "(python -m train.train_comdefend); needed for the comdefend defense.")
-flags.DEFINE_string("purified_classifier_dir", None, "A classifier trained behind "
-                    "--comdefend_dir (python -m train.train_classifier --purifier_dir): adds the "
-                    "defense comdefend_train_test (the paper's training-and-test-time mode) "
-                    "beside comdefend (test time) and writes figure4_modes.png.")
+cli_flags.define_data_flags()
+cli_flags.define_model_dir_flags("classifier_dir", "comdefend_dir", "purified_classifier_dir")
+cli_flags.define_inference_noise_flag()
+cli_flags.define_precision_flag()
+cli_flags.define_baseline_flags()
 flags.DEFINE_list("attacks", ["fgsm", "bim", "pgd", "mim", "cw_l2", "deepfool"],
                   f"Comma list from: {', '.join(attacks_lib.ATTACK_NAMES)}.")
 flags.DEFINE_list("eps", ["0.1", "0.3"], "Comma list of L-inf budgets in [0, 1] (pixel scale "
                   "[0, 1]; 0.3 is the usual MNIST budget, 8/255 = 0.031 CIFAR's). cw_l2 is "
                   "minimum-norm and runs once.")
 flags.DEFINE_list("threat_models", list(paper.DEFAULT_THREAT_MODELS),
-                  f"Comma list from {', '.join(paper.THREAT_MODELS)}. oblivious: attack the "
-                  "classifier, then defend (the paper); bpda_eot: attack classifier(defense(x)) "
-                  "through the defense's straight-through gradient, EOT on a randomized "
-                  "purifier; bpda_identity: the whole defense is the identity backward. "
-                  "adaptive: deprecated name of bpda_eot.")
-flags.DEFINE_list("defenses", list(defenses_lib.DEFENSE_NAMES),
-                  f"Comma list from: {', '.join(defenses_lib.DEFENSE_NAMES)} (none is always "
+                  f"Comma list from {', '.join(paper.THREAT_MODELS)}. " + "; ".join(
+                      f"{name}: the attack differentiates {threat_models.DIFFERENTIATES[name]}"
+                      for name in paper.THREAT_MODELS) + ". " + "; ".join(
+                      f"{alias}: deprecated name of {name}"
+                      for alias, name in threat_models.DEPRECATED_ALIASES.items()) + ".")
+flags.DEFINE_list("defenses", list(baselines.DEFENSE_NAMES),
+                  f"Comma list from: {', '.join(baselines.DEFENSE_NAMES)} (none is always "
                   "included as the undefended reference).")
 flags.DEFINE_integer("num_examples", 100, "Held-out images attacked (the same in every row).",
                      lower_bound=1)
@@ -85,21 +77,8 @@ flags.DEFINE_integer("spsa_samples", 64, "SPSA probes per step (even; more is a 
 flags.DEFINE_integer("eot_samples", 8, "Noise draws averaged per gradient by adaptive attacks "
                      "on a randomized purifier (ignored when the purifier is deterministic).",
                      lower_bound=1)
-flags.DEFINE_float("inference_noise_std", None, "Override the purifier's inference noise std "
-                   "(0 = deterministic; default: the saved model's).", lower_bound=0)
-flags.DEFINE_integer("jpeg_quality", 75, "JPEG defense quality (1..100; lower removes more).",
-                     lower_bound=1, upper_bound=100)
-flags.DEFINE_integer("bit_depth", 4, "Bit-depth defense: bits per channel (1..8; Xu et al. use "
-                     "1 for MNIST).", lower_bound=1, upper_bound=8)
-flags.DEFINE_integer("median_size", 3, "Median-filter defense window (pixels per side).",
-                     lower_bound=1, upper_bound=15)
 flags.DEFINE_integer("grid_examples", 4, "Examples in purification_grid.png.", lower_bound=1)
 flags.mark_flags_as_required(["classifier_dir", "output_dir"])
-
-flags.DEFINE_enum("precision", "float32", precision.PRECISIONS,
-                  "Purifier compute precision: float32, bfloat16 (Keras mixed_bfloat16) or auto "
-                  "(bfloat16 only on bf16 hardware and when the quality check on the evaluated "
-                  "images passes).")
 
 FLAGS = flags.FLAGS
 
@@ -116,7 +95,7 @@ flags.register_validator("attacks", lambda v: _check_subset(v, attacks_lib.ATTAC
                                                             "attacks"))
 flags.register_validator("threat_models", lambda v: _check_subset(
     v, paper.THREAT_MODELS + tuple(threat_models.DEPRECATED_ALIASES), "threat_models"))
-flags.register_validator("defenses", lambda v: _check_subset(v, defenses_lib.DEFENSE_NAMES,
+flags.register_validator("defenses", lambda v: _check_subset(v, baselines.DEFENSE_NAMES,
                                                              "defenses"))
 
 
@@ -172,7 +151,7 @@ def main(argv):
         for warning in caught:
             print(f"warning: --threat_models: {warning.message}", file=sys.stderr)
     try:
-        image_data = flags_common.load_data_from_flags()
+        image_data = cli_flags.load_data_from_flags()
     except data_lib.DataError as error:
         sys.exit(f"error: {error}")
     if not image_data.num_classes:
@@ -209,7 +188,7 @@ def main(argv):
         choice = precision.select_for_inference(purifier, FLAGS.precision, images[:64])
         purifier = choice.model
         print(f"Purifier precision: {choice.precision} ({choice.reason})")
-    defenses = {name: defenses_lib.make_defense(
+    defenses = {name: baselines.make_defense(
         name, purifier=purifier, jpeg_quality=FLAGS.jpeg_quality, bit_depth=FLAGS.bit_depth,
         median_size=FLAGS.median_size) for name in dict.fromkeys(["none"] + FLAGS.defenses)}
     steps = {"bim": FLAGS.bim_steps, "pgd": FLAGS.pgd_steps, "mim": FLAGS.mim_steps,

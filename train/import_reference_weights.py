@@ -1,9 +1,10 @@
 r"""Imports the authors' released ComDefend weights into a model directory.
 
-Reads the two released files with ``comdefend_tf.weights.importer``'s safe reader (its own zip and
-pickle parsing: nothing in a file can run code, crash the process or allocate beyond a fixed
+Reads the two released files with ``comdefend_tf.weights.importer``'s safe reader (its own zip
+and pickle parsing: nothing in a file can run code, crash the process or allocate beyond a fixed
 cap; a refused file ends with ``error: ...`` and exit status 1), infers the architecture from
-their shapes (RGB ``paper`` widths or the 1-channel ``released_gray`` widths), and writes ``MODEL_DIR/comdefend.keras``, ``config.json`` and
+their shapes (RGB ``paper`` widths or the 1-channel ``released_gray`` widths), and writes
+``MODEL_DIR/comdefend.keras``, ``config.json`` and
 ``metrics.json``, the same files the training binary writes, so evaluation, export and the
 purify command take an imported model exactly like a trained one.
 
@@ -21,6 +22,9 @@ import sys
 
 from absl import app, flags
 
+from comdefend_tf.cli import exit_codes
+from comdefend_tf.cli import flags as cli_flags
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("encoder_weights", None,
                     "The released ComCNN file, e.g. enc20_0.0001.npy (RGB) or enc_mnist.npy "
@@ -29,11 +33,8 @@ flags.DEFINE_string("decoder_weights", None,
                     "The released ResCNN file, e.g. dec20_0.0001.npy or dec_mnist.npy.")
 flags.DEFINE_string("model_dir", None, "Directory to write comdefend.keras, config.json and "
                     "metrics.json into (created if missing).")
-flags.DEFINE_float("inference_noise_std", 0.0,
-                   "Standard deviation of the Gaussian noise subtracted from the code logits at "
-                   "inference. 0 makes purification deterministic; the release ran with 1.0, "
-                   "which flips about 0.2 % of the RGB model's code bits and about 7 % of the "
-                   "1-channel model's.", lower_bound=0.0)
+cli_flags.define_inference_noise_flag(default=0.0)
+flags.adopt_module_key_flags(cli_flags)  # --help lists --inference_noise_std too
 flags.DEFINE_enum("inference_mode", None, ["hard", "soft"],
                   "Code path at inference: 'hard' feeds 0/1 bits to ResCNN (the RGB release), "
                   "'soft' feeds sigmoid(logits) (the Fashion-MNIST release). Default: the path "
@@ -46,22 +47,22 @@ def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from comdefend_tf import model as model_lib
-    from comdefend_tf.weights import importer as reference
+    from comdefend_tf.weights import importer
 
     keras_path = os.path.join(FLAGS.model_dir, model_lib.KERAS_FILENAME)
     if os.path.exists(keras_path) and not FLAGS.overwrite:
         print(f"error: {keras_path} already exists; pass --overwrite to replace it",
               file=sys.stderr)
-        return 1
+        return exit_codes.COULD_NOT_START
     try:
-        model, provenance = reference.load_reference_model(
+        model, provenance = importer.load_reference_model(
             FLAGS.encoder_weights, FLAGS.decoder_weights,
             inference_noise_std=FLAGS.inference_noise_std, inference_mode=FLAGS.inference_mode)
-    except (reference.ReferenceWeightsError, OSError) as error:
-        # ReferenceWeightsError covers every malformed or hostile file (the reader's docstring
-        # lists what is refused); OSError is a missing or unreadable path.
+    except (importer.ReferenceWeightsError, OSError) as error:
+        # ReferenceWeightsError covers every malformed or hostile file (safe_zip and
+        # pickle_reader list what is refused); OSError is a missing or unreadable path.
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return exit_codes.COULD_NOT_START
     metrics = {"source": "imported from the authors' released weights",
                "imported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
                    timespec="seconds"),
@@ -77,7 +78,7 @@ def _main(argv):
         released = provenance[f"{role}_released_as"]
         print(f"  {role}: sha256 {provenance[f'{role}_sha256'][:16]}... "
               f"{'= ' + released if released else '(not one of the known released files)'}")
-    return 0
+    return exit_codes.OK
 
 
 def main():

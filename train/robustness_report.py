@@ -21,26 +21,25 @@ import time
 
 from absl import app, flags
 
+from comdefend_tf.cli import flags as cli_flags
+from comdefend_tf.evaluation import adaptive, baselines, checks, cpu_time, modes, report
+from comdefend_tf.evaluation import threat_models
+from comdefend_tf.io import datasets as data_lib
+from comdefend_tf.model import load_comdefend
+from comdefend_tf.training import classifier as classifiers
+from comdefend_tf.training import precision
+from comdefend_tf.training import provenance
+
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("dataset", "mnist5k", "Image source (see comdefend_tf.io.datasets); the held-out "
-                    "split is evaluated.")
-flags.DEFINE_enum("color_mode", None, ["grayscale", "rgb"],
-                  "Convert images to this many channels (default: the source's own).")
-flags.DEFINE_string("classifier_dir", None, "Directory (or .keras file) of the classifier to "
-                    "defend (train/train_classifier.py).")
-flags.DEFINE_string("comdefend_dir", None, "Directory (or .keras file) of the trained ComDefend.")
+cli_flags.define_data_flags()
+cli_flags.define_model_dir_flags("classifier_dir", "comdefend_dir", "purified_classifier_dir")
 flags.DEFINE_string("second_classifier_dir", None, "An independently trained classifier: when "
                     "given, the transfer threat model runs on every defense. The same file, or "
                     "a copy of the same weights, is refused.")
-flags.DEFINE_string("purified_classifier_dir", None, "A classifier trained behind "
-                    "--comdefend_dir (train_classifier --purifier_dir): adds the defense "
-                    "comdefend_train_test (the paper's training-and-test-time mode).")
-flags.DEFINE_float("inference_noise_std", None, "Override ComDefend's inference noise std "
-                   "(default: the saved model's; 0 makes it deterministic).", lower_bound=0)
-flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16", "auto"],
-                  "Purifier compute precision (comdefend_tf.training.precision); bfloat16 changes the "
-                  "purified images slightly: check that the verdicts agree before relying on it.")
+cli_flags.define_inference_noise_flag()
+cli_flags.define_precision_flag()
+cli_flags.define_baseline_flags()
 flags.DEFINE_integer("num_examples", 100, "Held-out examples attacked (the same ones in every "
                      "row). 100 gives 95% intervals about +-10 points near 50%.", lower_bound=1)
 flags.DEFINE_list("norm", ["linf", "l2"], "Norms to run: linf and/or l2.")
@@ -65,10 +64,10 @@ flags.DEFINE_integer("square_eot", None, "Draws each Square candidate is scored 
                      "randomized ComDefend (default: --eot_samples).", lower_bound=1)
 flags.DEFINE_integer("target_classes", None, "APGD-T target classes, the top wrong ones "
                      "(default 9, AutoAttack's).", lower_bound=1)
-flags.DEFINE_list("threat_models", None, "Comma list from oblivious, bpda_eot, bpda_identity, "
-                  "soft_path, fixed_noise, transfer, gradient_free (default: all; transfer "
-                  "only with --second_classifier_dir).")
-flags.DEFINE_list("defenses", None, "Comma list from none, comdefend, jpeg, bit_depth, median "
+flags.DEFINE_list("threat_models", None, f"Comma list from "
+                  f"{', '.join(threat_models.ADAPTIVE_PROTOCOL)} (default: all; transfer only "
+                  "with --second_classifier_dir).")
+flags.DEFINE_list("defenses", None, f"Comma list from {', '.join(adaptive.DEFENSES)} "
                   "(default: all).")
 flags.DEFINE_list("losses", None, "APGD losses, run in this order: ce, t (APGD-T, targeted "
                   "DLR), dlr (default: all three).")
@@ -81,9 +80,6 @@ flags.DEFINE_list("ablation_eot", ["1", "5", "20"], "EOT samples compared at the
                   "empty for none.")
 flags.DEFINE_integer("ablation_examples", None, "Examples in the ablation (the first ones; "
                      "default 50).", lower_bound=1)
-flags.DEFINE_integer("jpeg_quality", 75, "JPEG baseline quality (1..100).")
-flags.DEFINE_integer("bit_depth", 4, "Bit-depth baseline: bits kept per channel.")
-flags.DEFINE_integer("median_size", 3, "Median-filter baseline window (odd).")
 flags.DEFINE_integer("batch_size", None, "Examples per attack batch (default 500).",
                      lower_bound=1)
 flags.DEFINE_string("output_dir", None, "Where the report files go.")
@@ -112,8 +108,6 @@ def _names(values):
 def build_protocol(image_shape):
     """The ``adaptive.Protocol`` the flags describe (library defaults where a flag is unset);
     raises ``app.UsageError`` on bad flags."""
-    from comdefend_tf.evaluation import adaptive
-
     defaults = adaptive.default_eps(image_shape)
     norms = _names(FLAGS.norm) or []
     if not norms or any(norm not in adaptive.NORMS for norm in norms):
@@ -126,7 +120,7 @@ def build_protocol(image_shape):
                      else defaults["l2"])
     sanity = (_numbers(FLAGS.sanity_eps, "sanity_eps") if FLAGS.sanity_eps is not None
               else defaults["sanity"])
-    threat_models = _names(FLAGS.threat_models) or [
+    chosen_threat_models = _names(FLAGS.threat_models) or [
         name for name in adaptive.THREAT_MODELS
         if name != "transfer" or FLAGS.second_classifier_dir]
     defenses = _names(FLAGS.defenses) or list(adaptive.DEFENSES)
@@ -139,7 +133,7 @@ def build_protocol(image_shape):
         protocol = adaptive.Protocol(
             eps=eps, headline_eps=(FLAGS.headline_eps if FLAGS.headline_eps is not None
                                    else defaults["headline"]),
-            sanity_eps=sanity if "linf" in norms else [], threat_models=threat_models,
+            sanity_eps=sanity if "linf" in norms else [], threat_models=chosen_threat_models,
             defenses=defenses, ablation_steps=_numbers(FLAGS.ablation_steps, "ablation_steps",
                                                        int),
             ablation_eot=_numbers(FLAGS.ablation_eot, "ablation_eot", int), seed=FLAGS.seed,
@@ -169,17 +163,8 @@ def main(argv):
     start = time.time()
     from tqdm import tqdm
 
-    from comdefend_tf.training import classifier as classifiers
-    from comdefend_tf.io import datasets as data_lib
-    from comdefend_tf.evaluation import baselines as defenses_lib
-    from comdefend_tf import model as model_lib
-    from comdefend_tf.training import precision
-    from comdefend_tf.training import provenance
-    from comdefend_tf.evaluation import adaptive, checks, cpu_time, modes, report
-
     try:
-        image_data = data_lib.load_dataset(FLAGS.dataset, color_mode=FLAGS.color_mode,
-                                           split_seed=0)
+        image_data = cli_flags.load_data_from_flags()
     except data_lib.DataError as error:
         sys.exit(f"error: {error}")
     if image_data.num_classes is None:
@@ -196,10 +181,10 @@ def main(argv):
                                            classifiers.KERAS_FILENAME)
         purifier = None
         if "comdefend" in protocol.defenses:
-            purifier = model_lib.load_comdefend(FLAGS.comdefend_dir,
-                                                inference_noise_std=FLAGS.inference_noise_std,
-                                                seed=FLAGS.seed)
-        baselines = {name: defenses_lib.make_defense(
+            purifier = load_comdefend(FLAGS.comdefend_dir,
+                                      inference_noise_std=FLAGS.inference_noise_std,
+                                      seed=FLAGS.seed)
+        baseline_defenses = {name: baselines.make_defense(
             name, jpeg_quality=FLAGS.jpeg_quality, bit_depth=FLAGS.bit_depth,
             median_size=FLAGS.median_size)
             for name in protocol.defenses if name in adaptive.BASELINE_DEFENSES}
@@ -221,7 +206,7 @@ def main(argv):
           f"Square {protocol.square_queries} queries, "
           f"{'per-attack rows' if protocol.per_attack_rows else 'cascade'}")
     models = adaptive.Models(classifier=classifier, purifier=purifier,
-                             second_classifier=second, baselines=baselines)
+                             second_classifier=second, baselines=baseline_defenses)
     try:
         evaluation = adaptive.Evaluation(models, images, labels, protocol)
     except ValueError as error:
@@ -241,8 +226,8 @@ def main(argv):
                 "inference_noise_std": (purifier.config.inference_noise_std
                                         if purifier is not None else None),
                 "purifier_precision": precision_note,
-                "baselines": {name: defenses_lib.describe_defense(name, layer)
-                              for name, layer in baselines.items()},
+                "baselines": {name: baselines.describe_defense(name, layer)
+                              for name, layer in baseline_defenses.items()},
                 "wall_seconds": time.time() - start,
                 "cpu_seconds": cpu_time.process_cpu_seconds(),
                 "purified_classifier_dir": FLAGS.purified_classifier_dir,

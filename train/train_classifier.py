@@ -28,33 +28,21 @@ import sys
 
 from absl import app, flags
 
-from comdefend_tf.training import classifier as classifiers
+from comdefend_tf.cli import flags as cli_flags
 from comdefend_tf.io import datasets as data_lib
-from comdefend_tf.training import provenance
-from comdefend_tf.training import purifier as training
-if __package__:  # python -m train.train_classifier, or installed as comdefend_tf.train
-    from . import flags_common
-else:  # run as a script (bazel run //train:train_classifier): the runfiles root is on sys.path
-    from train import flags_common
+from comdefend_tf.training import classifier as classifiers
+from comdefend_tf.training import provenance, run_state
 
-flags_common.define_data_flags()
+cli_flags.define_data_flags()
+# Keras 3 fit does not run under multi_worker.
+cli_flags.define_training_run_flags(
+    epochs=5, batch_size=64, strategies=("default", "mirrored"),
+    checkpoint_every_steps=run_state.DEFAULT_CHECKPOINT_EVERY_STEPS)
+flags.adopt_module_key_flags(cli_flags)  # --help lists the shared flags too
 flags.DEFINE_enum("architecture", "auto", classifiers.ARCHITECTURES,
                   "Classifier network; auto chooses by image size and channels.")
-flags.DEFINE_integer("epochs", 5, "Passes over the training images.", lower_bound=1)
-flags.DEFINE_integer("batch_size", 64, "Global batch size in images.", lower_bound=1)
-flags.DEFINE_integer("steps_per_epoch", None, "Cap on optimizer steps per epoch "
-                     "(default: one full pass).", lower_bound=1)
-flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.", lower_bound=0)
 flags.DEFINE_string("weights_path", None, "resnet50 only: a local Keras ResNet50 weights file "
                     "(with or without the ImageNet head); nothing is downloaded.")
-flags.DEFINE_string("model_dir", None, "Output directory (resumed if it holds an unfinished run).")
-flags.DEFINE_enum("strategy", "default", ("default", "mirrored"),
-                  "tf.distribute strategy (Keras 3 fit does not run under multi_worker).")
-flags.DEFINE_integer("seed", 0, "Seed for initialisation and the data order.")
-flags.DEFINE_integer("checkpoint_every_steps", training.DEFAULT_CHECKPOINT_EVERY_STEPS,
-                     "Optimizer steps between checkpoints in MODEL_DIR/backup, which are also "
-                     "written at every epoch end; a kill loses at most this many steps.",
-                     lower_bound=1)
 flags.DEFINE_string("purifier_dir", None, "ComDefend model directory (or .keras file): train "
                     "the classifier on its purified images (frozen, run on the fly unless "
                     "--purified_input).")
@@ -75,7 +63,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        image_data = flags_common.load_data_from_flags()
+        image_data = cli_flags.load_data_from_flags()
     except data_lib.DataError as error:
         sys.exit(f"error: {error}")
     if not image_data.num_classes:
@@ -102,7 +90,7 @@ def main(argv):
             purifier_dir=FLAGS.purifier_dir, purified_input=FLAGS.purified_input,
             purify_manifest=FLAGS.purify_manifest,
             init_classifier_dir=FLAGS.init_classifier_dir)
-    except (ValueError, FileNotFoundError, training.TrainingError) as error:
+    except (ValueError, FileNotFoundError, run_state.TrainingError) as error:
         sys.exit(f"error: {error}")
     print(f"Held-out accuracy: {100 * metrics['held_out_accuracy']:.2f} % on "
           f"{metrics['num_held_out']} images" + (" (purified)" if metrics.get(

@@ -23,26 +23,19 @@ import sys
 from absl import app, flags
 
 from comdefend_tf import config as config_lib
+from comdefend_tf.cli import flags as cli_flags
 from comdefend_tf.io import datasets as data_lib
-from comdefend_tf.training import precision
-from comdefend_tf.training import summaries
-from comdefend_tf.training import purifier as training
+from comdefend_tf.training import precision, purifier, run_state, strategies, summaries
 
-if __package__:  # python -m train.train_comdefend, or installed as comdefend_tf.train
-    from . import flags_common
-else:  # run as a script (bazel run //train:train_comdefend): the runfiles root is on sys.path
-    from train import flags_common
-
-flags_common.define_data_flags()
-flags.adopt_module_key_flags(flags_common)  # --help lists the data flags too
+cli_flags.define_data_flags()
+cli_flags.define_training_run_flags(
+    epochs=1, batch_size=20, strategies=strategies.STRATEGIES,
+    checkpoint_every_steps=run_state.DEFAULT_CHECKPOINT_EVERY_STEPS)
+cli_flags.define_inference_noise_flag()
+cli_flags.define_precision_flag()
+flags.adopt_module_key_flags(cli_flags)  # --help lists the shared flags too
 flags.DEFINE_enum("config", "paper", config_lib.CONFIG_NAMES,
                   "Named architecture; its input channels follow the dataset.")
-flags.DEFINE_integer("epochs", 1, "Passes over the training images (the paper: 1).", lower_bound=1)
-flags.DEFINE_integer("batch_size", 20, "Global batch size in images (the paper: 20).",
-                     lower_bound=1)
-flags.DEFINE_integer("steps_per_epoch", None, "Cap on optimizer steps per epoch "
-                     "(default: one full pass).", lower_bound=1)
-flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate (the paper: 1e-3).", lower_bound=0)
 flags.DEFINE_float("lambda_code", None, "Weight of the code penalty mean(soft_code^2) "
                    "(default: the config's, 1e-4 as in the paper).", lower_bound=0)
 flags.DEFINE_float("train_noise_std", None, "Standard deviation of the Gaussian noise on the "
@@ -51,29 +44,14 @@ flags.DEFINE_float("train_noise_std", None, "Standard deviation of the Gaussian 
 flags.DEFINE_integer("noise_warmup_steps", None, "Optimizer steps over which the training noise "
                      "ramps linearly from 0 to --train_noise_std (0: full noise at once, as in the "
                      "paper; default: the config's).", lower_bound=0)
-flags.DEFINE_float("inference_noise_std", None, "Noise standard deviation at inference "
-                   "(0 = deterministic purifier; default: the config's).", lower_bound=0)
 flags.DEFINE_enum("train_mode", None, config_lib.TRAIN_MODES,
                   "soft: decoder sees sigmoid(noisy logits) (the paper); straight_through: "
                   "decoder sees hard bits with a straight-through gradient.")
 flags.DEFINE_enum("inference_mode", None, config_lib.INFERENCE_MODES,
                   "hard: decoder sees 0/1 bits (RGB release); soft: sigmoid of the logits.")
-flags.DEFINE_string("model_dir", None, "Output directory (resumed if it holds an unfinished run).")
-flags.DEFINE_enum("strategy", "default", training.STRATEGIES,
-                  "tf.distribute strategy; multi_worker reads TF_CONFIG.")
-flags.DEFINE_integer("seed", 0, "Seed for initialisation, the data order and code noise.")
-flags.DEFINE_integer("checkpoint_every_steps", training.DEFAULT_CHECKPOINT_EVERY_STEPS,
-                     "Optimizer steps between checkpoints in MODEL_DIR/backup, which are also "
-                     "written at every epoch end and after the last step; a kill loses at most "
-                     "this many steps.",
-                     lower_bound=1)
-flags.DEFINE_float("collapse_margin_db", training.DEFAULT_COLLAPSE_MARGIN_DB,
+flags.DEFINE_float("collapse_margin_db", purifier.DEFAULT_COLLAPSE_MARGIN_DB,
                    "Held-out PSNR (dB) the purifier must gain over predicting the mean image; "
                    "below it the run fails as collapsed (constant output). Negative: no check.")
-flags.DEFINE_enum("precision", "float32", precision.PRECISIONS,
-                  "Compute precision: float32; bfloat16 (Keras mixed_bfloat16: float32 weights, "
-                  "bf16 convolutions, faster on CPUs/GPUs with bf16 units); auto (bfloat16 where "
-                  "the hardware has bf16 units, else float32). The saved model loads in either.")
 flags.DEFINE_integer("summary_images", summaries.DEFAULT_NUM_IMAGES,
                      "Held-out images drawn in TensorBoard after every epoch "
                      "(MODEL_DIR/logs/images: the originals, their purified images and code "
@@ -106,11 +84,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     # MultiWorkerMirroredStrategy must exist before TensorFlow runs any op (data loading does).
     try:
-        strategy = training.make_strategy(FLAGS.strategy)
+        strategy = strategies.make_strategy(FLAGS.strategy)
     except ValueError as error:
         raise app.UsageError(str(error)) from error
     try:
-        image_data = flags_common.load_data_from_flags()
+        image_data = cli_flags.load_data_from_flags()
     except data_lib.DataError as error:
         sys.exit(f"error: {error}")
     config = config_from_flags(image_data.channels)
@@ -119,22 +97,22 @@ def main(argv):
           f"({image_data.num_train} training / {image_data.num_test} held-out images, "
           f"{image_data.image_shape}), train noise std {config.train_noise_std}, "
           f"mode {config.train_mode}, strategy {FLAGS.strategy}, precision {chosen_precision}")
-    log_dir = os.path.join(FLAGS.model_dir, training.LOG_SUBDIR)
+    log_dir = os.path.join(FLAGS.model_dir, run_state.LOG_SUBDIR)
     callbacks = []
     if FLAGS.summary_images and FLAGS.strategy != "multi_worker":  # callbacks are fit's
         callbacks.append(summaries.HeldOutImages(
             summaries.held_out_examples(image_data.test, FLAGS.summary_images), log_dir))
     try:
-        _, metrics = training.train_comdefend(
+        _, metrics = purifier.train_comdefend(
             config, image_data, FLAGS.model_dir, epochs=FLAGS.epochs,
             batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate, strategy=strategy,
             seed=FLAGS.seed, steps_per_epoch=FLAGS.steps_per_epoch, extra_callbacks=callbacks,
             checkpoint_every_steps=FLAGS.checkpoint_every_steps,
             collapse_margin_db=FLAGS.collapse_margin_db if FLAGS.collapse_margin_db >= 0
             else None)
-    except training.CollapsedModel as error:
+    except purifier.CollapsedModel as error:
         sys.exit(f"error: {error}.\n{collapse_advice(config)}")
-    except training.TrainingError as error:
+    except run_state.TrainingError as error:
         sys.exit(f"error: {error}")
     report = metrics["held_out"]
     print(f"Held-out reconstruction PSNR (dB): {report['psnr_db']:.2f} on "

@@ -1,38 +1,17 @@
 """cleverhans 4.0.0's Carlini-Wagner L2 and SPSA, made to run under Keras 3, without
-monkeypatching cleverhans.
+monkeypatching cleverhans (installed with ``pip install --no-deps cleverhans==4.0.0``).
 
-cleverhans 4.0.0 (installed with ``pip install --no-deps cleverhans==4.0.0``; see
-``../shared/STACK_NOTES.md``) was written against the ``tf.keras`` 2 optimizers:
+* ``CarliniWagnerL2``: upstream's attack with a Keras 3 optimizer (one per batch shape, reset
+  for every batch and binary-search step), true labels sliced per batch for an untargeted
+  attack, and the trade-off constant, its bounds and the early abort kept per example
+  (``[batch]``): every example is attacked as if it were alone, so the result does not depend
+  on the batch size.
+* ``SPSAAdam`` accepts ``lr``; ``spsa`` runs upstream's projected SPSA-Adam steps and returns
+  the iterate with the lowest loss seen (the random start included), not the last one.
 
-* ``CarliniWagnerL2`` resets its Adam state at every binary-search step with
-  ``self.optimizer.variables()``; in Keras 3 ``variables`` is a property (``TypeError: 'list'
-  object is not callable``). Returning the property's list is a trap: Keras 3 lists the
-  learning-rate variable there, cleverhans zeroes it, and the attack silently returns the clean
-  images. ``CarliniWagnerL2`` below gives it an optimizer whose ``variables()`` leaves the
-  learning rate out, builds one optimizer and modifier per batch shape (a Keras 3 optimizer is
-  bound to the variables it was built with; both are reset for every batch and binary-search
-  step) and slices the true labels per batch for an untargeted attack (upstream treats any
-  given ``y`` as a target).
-* ``CarliniWagnerL2._attack`` builds its trade-off constant with the *image* shape
-  (``tf.ones(shape) * initial_const``) and multiplies it by the per-example loss ``[batch]``
-  (upstream issue 1205). On grayscale batches ``[B, H, W, 1] * [B]`` broadcasts silently to
-  ``[B, H, W, B]``: every example's misclassification loss is weighted by about
-  ``B * H * W * initial_const`` (~1e5), so the L2 penalty is switched off and the result depends
-  on the batch size; on RGB it crashes unless the batch size is 1 or 3. ``_attack`` below is
-  the same algorithm (tanh change of variables, Adam, binary search over the constant) with the
-  constant, its bounds and the early abort kept per example (``[batch]``), so every example is
-  attacked exactly as if it were alone: the result does not depend on the batch size. The
-  binary search follows Carlini and Wagner: an example that succeeded in this round lowers its
-  upper bound, one that did not raises its lower bound (or multiplies the constant by 10 while
-  no upper bound is known); success applies ``confidence`` to the logit margin.
-* ``spsa`` builds ``SPSAAdam(lr=...)``, which Keras 3 rejects (``Argument(s) not recognized:
-  {'lr': 0.01}``). ``SPSAAdam`` below accepts ``lr``. Upstream's ``projected_optimization``
-  also returns its *last* iterate, which can be worse than an earlier one (Adam overshoots a
-  narrow region of misclassification); ``spsa`` below runs the same projected SPSA-Adam steps
-  from upstream's optimizer and projection but returns the iterate with the lowest loss seen
-  (the random start included).
-
-Upstream's losses, gradients, optimizer updates and projections are imported, not copied.
+Images are float32 ``[B, H, W, C]`` within the clip range; upstream's losses, gradients,
+optimizer updates and projections are imported, not copied. What broke upstream, and why each
+change: docs/internals/evaluation.md.
 """
 
 from __future__ import annotations

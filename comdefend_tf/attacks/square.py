@@ -10,13 +10,10 @@ norms.
 
 * L-inf: the start is vertical stripes of ``+-eps`` (one sign per column and channel); a query
   sets the window to ``+-eps`` with one random sign per channel.
-* L2: the start is a grid of ``h // 5``-sized windows, each holding the "meta-pattern" (two
-  halves of opposite sign, each a sum of nested squares weighted ``1 / (k + 1)^2``, randomly
-  transposed) with a random sign per channel, the whole rescaled to norm ``eps``. A query picks
-  two windows of odd side ``s >= 3``: the mass of the second is moved into the first, which
-  becomes the old window (normalised per channel) plus a fresh signed meta-pattern, rescaled per
-  channel to ``sqrt(max(eps^2 - ||delta||^2, 0) / channels + ||delta on both windows||^2)``;
-  the whole perturbation is then rescaled to norm ``eps``.
+* L2: the start is a grid of windows holding the paper's nested-squares "meta-pattern" with
+  a random sign per channel, rescaled to norm ``eps``; a query moves the mass of one window
+  into another and adds a fresh signed meta-pattern there, then rescales the whole
+  perturbation to norm ``eps`` (details: docs/internals/evaluation.md).
 
 Every example draws its own window positions and signs (vectorised over the batch).
 
@@ -33,9 +30,8 @@ A query is one candidate scored (``K`` model calls). ``queries`` is the number o
 after the initial point, as in AutoAttack's ``n_queries``, so an example never broken uses
 ``queries + 1`` scorings.
 
-Written here rather than taken from ART: ART's ``SquareAttack`` retraces its compiled forward
-pass whenever the set of unbroken examples shrinks, which made it 10x slower on our CPUs. The
-compiled forward pass here has an unknown batch dimension and is cached per model callable.
+The compiled forward pass has an unknown batch dimension and is cached per model callable
+(why not ART's ``SquareAttack``: docs/internals/evaluation.md).
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""Command-line support shared by the binaries: console entry points and flags."""
+"""Command-line support shared by the binaries: console entry points (``console``), the shared
+flags (``flags``) and the exit statuses (``exit_codes``)."""

@@ -3,14 +3,18 @@
 ==================  =====================================================================
 module              idea
 ==================  =====================================================================
-``threat_models``   what an attack differentiates (oblivious, bpda_eot, bpda_identity, ...)
+``threat_models``   the one vocabulary: what an attack differentiates, per protocol
+``baselines``       baseline input defenses (JPEG, bit depth, median) with the purifier's face
 ``scoring``         K draws per example; mean / majority / strict; Wilson; worst case
 ``seeds``           one stable seed per (attack, loss, threat model, norm, eps, defense)
 ``checks``          adversarial sets inside their eps ball; a real second classifier
 ``cpu_time``        CPU-seconds of the process (the cost the reports quote)
 ``paper``           the paper protocol: cleverhans/foolbox attacks, one table (train.evaluate)
-``adaptive``        the adaptive protocol: APGD-CE/-T/-DLR + Square, cascade, worst case
+``cascade``         the adaptive protocol's attacks per defense and eps, in cascade order
+``adaptive``        the adaptive protocol: runs and scores the cascade, worst case
                     (train.robustness_report)
+``modes``           ComDefend at test time and at training and test time, both protocols
+``figure4``         the paper's Figure 4 layout of the two modes
 ``report``          Markdown, JSON and PNG figures of both protocols
 ==================  =====================================================================
 """

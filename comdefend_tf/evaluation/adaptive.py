@@ -1,39 +1,25 @@
 """The adaptive protocol (the robustness report): APGD-CE/-T/-DLR and Square under every
 threat model, scored over noise draws, worst case per example, run as a cascade.
 
-What runs, per norm and eps (``Protocol``), on the same N examples:
+``Evaluation(Models(...), images, labels, Protocol(...)).run(progress)`` returns a dict of
+rows, worst cases, masking, ablation, clean accuracy and gradient checks (``results()``);
+``comdefend_tf.evaluation.report`` writes it. Images: float32 ``[N, H, W, C]`` in [0, 1];
+labels int ``[N]``; bad settings and missing models raise ValueError before any attack runs.
 
-* ``none`` (undefended): ``white_box`` APGD (the losses of ``Protocol.losses``: CE, targeted
-  DLR over the top ``target_classes`` classes (APGD-T), DLR), ``transfer`` from the second
-  classifier when one is given, ``gradient_free`` Square (L-inf at L-inf radii, L2 at L2 radii).
-* every defense (ComDefend and the baselines): ``oblivious`` and ``transfer`` (images made once
-  on the classifier / the second classifier, scored through every defense), ``bpda_eot`` and
-  ``bpda_identity`` (the latter only where it differs: not for JPEG and bit depth, whose own
-  backward pass is the identity), ComDefend's ``soft_path`` and ``fixed_noise`` (randomized
-  ComDefend only), each with every loss, then ``gradient_free`` Square.
-* ``sanity_eps``: larger L-inf radii with APGD-CE ``white_box``/``oblivious``/``bpda_eot`` only.
-* the ablation (steps and EOT samples of ComDefend ``bpda_eot`` APGD-CE at the headline eps).
+What runs, per norm and eps, on the same N examples, and in which order: ``cascade``. Every
+adversarial set passes ``checks.check_adversarial`` before it is scored (``scoring``: K draws
+for a randomized ComDefend; strict / majority / mean; Wilson intervals).
 
-Every run has its own seed (``seeds.attack_seed``). Every adversarial set passes
-``checks.check_adversarial`` before it is scored. Scoring: ``scoring`` (K draws for the
-randomized ComDefend, strict / majority / mean, Wilson intervals).
+**Cascade** (default, as AutoAttack): each attack runs only on the examples every earlier
+attack left standing in the majority sense (right in more than half of the draws), a superset
+of the strict sense, so both worst cases are exact; rows say on how many examples each attack
+ran (``n``). ``per_attack_rows=True`` runs every attack on every example instead.
 
-**Cascade** (default, as AutoAttack runs its attacks): for each defense and eps the attacks
-run in a fixed order, cheap and strong first (the defense-independent images, which are made
-once anyway; then every threat model's APGD-CE, APGD-T, APGD-DLR; Square last), each only on
-the examples every earlier attack left standing. "Standing" is the majority sense (right in
-more than half of the draws of every attack so far), a superset of the strict sense, so both
-worst cases are exact: an example that is already out by majority is out strictly too. Rows
-then say on how many examples each attack ran (``ran_on``) and give its accuracy there.
-``per_attack_rows=True`` runs every attack on every example instead (rows are each attack's own
-accuracy on all N); the worst cases are the same up to the randomness of the attacks.
-
-Worst case per defense and eps: **strict** (the headline: correct on the clean image and in
-every draw of every attack: the deployed pipeline makes one draw per request and an attacker
-can resubmit) and **majority** (a majority of the draws of each attack), both with Wilson
-intervals. Masking check, per example: examples that Square breaks although every gradient
-attack on the same deployed pipeline (``white_box``, ``bpda_eot``, ``bpda_identity``) ran on
-them and missed.
+Worst case per defense and eps: **strict** (the headline: right on the clean image and in every
+draw of every attack) and **majority**, both with Wilson intervals. Masking check: examples
+Square breaks although every gradient attack on the deployed pipeline
+(``threat_models.PIPELINE_GRADIENT``) ran on them and missed. The ablation runs ComDefend
+``bpda_eot`` APGD-CE at ``headline_eps`` over ``ablation_steps`` and ``ablation_eot``.
 """
 
 from __future__ import annotations
@@ -45,28 +31,24 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from comdefend_tf.evaluation import baselines as defenses_lib
-from comdefend_tf.attacks import apgd as apgd_lib
-from comdefend_tf.attacks import square as square_lib
 from comdefend_tf.evaluation import checks, cpu_time, scoring, seeds
 from comdefend_tf.evaluation import threat_models as threat_models_lib
+from comdefend_tf.evaluation.cascade import AttackPlan, adversarial_images
 
 BASELINE_DEFENSES = ("jpeg", "bit_depth", "median")
 DEFENSES = ("none", "comdefend") + BASELINE_DEFENSES
 NORMS = ("linf", "l2")
 # Cascade order: APGD-CE, APGD-T (targeted DLR), APGD-DLR.
 LOSSES = ("ce", "t", "dlr")
-THREAT_MODELS = ("oblivious", "bpda_eot", "bpda_identity", "soft_path", "fixed_noise",
-                 "transfer", "gradient_free")
+THREAT_MODELS = threat_models_lib.ADAPTIVE_PROTOCOL
 # Gradient attacks on the deployed pipeline, compared with Square by the masking check.
-PIPELINE_GRADIENT_THREAT_MODELS = ("white_box", "bpda_eot", "bpda_identity")
+PIPELINE_GRADIENT_THREAT_MODELS = threat_models_lib.PIPELINE_GRADIENT
 ROW_COLUMNS = ("threat_model", "attack", "norm", "eps", "steps", "eot", "restarts", "defense",
                "n", "clean_acc", "undefended_success", "robust_acc_mean", "robust_acc_majority",
                "robust_acc_strict", "ci_low", "ci_high", "standing_strict", "standing_majority",
                "cpu_seconds")
 WORST_CASE = "worst_case"
 FIXED_NOISE_SAME_DRAW = "fixed_noise_same_draw"
-ATTACK_NAMES = {"ce": "apgd-ce", "t": "apgd-t", "dlr": "apgd-dlr"}
 
 
 def default_eps(image_shape) -> dict:
@@ -156,27 +138,9 @@ class Models:
     baselines: dict = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass
-class CascadeAttack:
-    """One entry of a defense's cascade: ``run(indices)`` returns the adversarial images
-    (float32 ``[len(indices), H, W, C]``) for those examples."""
-
-    threat_model: str
-    attack: str
-    steps: int
-    eot: int
-    restarts: int
-    run: Callable[[np.ndarray], np.ndarray]
-    same_draw_noise: np.ndarray | None = None  # fixed_noise: also scored with the attacker's draw
-
-
-def _adversarial_of(result) -> np.ndarray:
-    """The adversarial images of an ``APGDResult`` or a ``SquareResult``."""
-    return np.asarray(result.adversarial, np.float32)
-
-
-class Evaluation:
-    """Runs the protocol: ``run(progress)`` and then ``results()``."""
+class Evaluation(AttackPlan):
+    """Runs the protocol: ``run(progress)`` and then ``results()``. The attacks themselves
+    (``cascade``, ``fixed_noise``, ``draws``) are ``AttackPlan``'s."""
 
     def __init__(self, models: Models, images: np.ndarray, labels: np.ndarray,
                  protocol: Protocol):
@@ -197,37 +161,15 @@ class Evaluation:
         for name in protocol.defenses:
             if name in BASELINE_DEFENSES and name not in models.baselines:
                 raise ValueError(f"baseline defense {name!r} missing from models.baselines")
-        self.models = models
-        self.images = images
-        self.labels = labels
-        self.protocol = protocol
-        self.randomized = (models.purifier is not None
-                           and defenses_lib.is_randomized(models.purifier))
+        super().__init__(models, images, labels, protocol)
         self.rows: list[dict] = []
         self.worst: list[dict] = []
         self.masking: list[dict] = []
         self.clean: dict = {}
-        self.gradient_checks: list[dict] = []
         self.ablation: list[dict] = []
-        self.convergence: dict = {}
-        self._shared: dict = {}
-        self._attacked_models: dict = {}
         self._predict: dict = {}
-        self._fixed_noise = None
-        self._standing_at_headline: dict = {}
 
-    # ------------------------------------------------------------------------ helpers
-    def defense(self, name):
-        if name == "none":
-            return None
-        if name == "comdefend":
-            return self.models.purifier
-        return self.models.baselines[name]
-
-    def draws(self, defense_name: str) -> int:
-        return self.protocol.eot_samples if (defense_name == "comdefend"
-                                             and self.randomized) else 1
-
+    # ------------------------------------------------------------------------ scoring
     def _predict_fn(self, defense_name):
         if defense_name not in self._predict:
             self._predict[defense_name] = threat_models_lib.pipeline_fn(
@@ -239,134 +181,6 @@ class Evaluation:
         """bool ``[draws, n]``: the defended classifier right on each draw."""
         return scoring.correct_per_draw(self._predict_fn(defense_name), images, labels,
                                         self.draws(defense_name), self.protocol.batch_size)
-
-    def fixed_noise(self):
-        """Per-example noise draws of the ``fixed_noise`` attacker, float32 ``[N, h, w,
-        code_channels]`` (seeded by the protocol's seed)."""
-        if self._fixed_noise is None:
-            purifier = self.models.purifier
-            shape = purifier.encoder.compute_output_shape((None,) + self.images.shape[1:])
-            generator = np.random.default_rng(seeds.attack_seed(
-                self.protocol.seed, "noise", None, "fixed_noise", "-", 0.0, "comdefend"))
-            self._fixed_noise = (purifier.config.inference_noise_std * generator.normal(
-                size=(len(self.images),) + tuple(shape[1:]))).astype(np.float32)
-        return self._fixed_noise
-
-    def _apgd(self, attacked, indices, norm, eps, loss, eot, seed, steps=None, label=""):
-        protocol = self.protocol
-        images, labels = self.images[indices], self.labels[indices]
-        model = attacked.model
-        if attacked.index_aware:
-            noise = self.fixed_noise()[indices]
-            model = threat_models_lib.fixed_noise_fn(self.models.classifier,
-                                                     self.models.purifier, noise)
-        common = dict(eps=eps, norm=norm, steps=steps or protocol.steps, eot_iter=eot,
-                      seed=seed, batch_size=protocol.batch_size)
-        if attacked.index_aware:
-            common["index_aware"] = True
-        if loss == "t":
-            result = apgd_lib.apgd_targeted(model, images, labels,
-                                            n_target_classes=protocol.target_classes, **common)
-        else:
-            result = apgd_lib.apgd(model, images, labels, loss=loss, restarts=protocol.restarts,
-                                   **common)
-        check = scoring.gradient_check(result.zero_gradient_fraction, result.nonfinite_gradients)
-        check.update(attack=label, norm=norm, eps=float(eps), loss=loss, eot=int(eot),
-                     gradient_calls=int(result.gradient_calls), examples=int(len(indices)))
-        self.gradient_checks.append(check)
-        return result
-
-    def _square(self, model, indices, norm, eps, eot, seed):
-        result = square_lib.square(model, self.images[indices], self.labels[indices], eps,
-                                   norm=norm, queries=self.protocol.square_queries,
-                                   eot_draws=eot, seed=seed,
-                                   batch_size=self.protocol.batch_size)
-        return _adversarial_of(result)
-
-    # ---------------------------------------------------------------------- cascades
-    def _attacked(self, threat_model, defense_name):
-        """One attacked callable per (threat model, defense), reused at every eps (the
-        attacks cache their compiled steps per model)."""
-        key = (threat_model, defense_name)
-        if key not in self._attacked_models:
-            self._attacked_models[key] = threat_models_lib.build(
-                threat_model, self.models.classifier, self.defense(defense_name),
-                second_classifier=self.models.second_classifier,
-                fixed_noise=self.fixed_noise() if threat_model == "fixed_noise" else None)
-        return self._attacked_models[key]
-
-    def _shared_run(self, threat_model, loss, norm, eps, steps=None):
-        """Adversarial images of a defense-independent attack on every example (made once)."""
-        key = (threat_model, loss, norm, float(eps), steps)
-        if key not in self._shared:
-            source = "second_classifier" if threat_model == "transfer" else "classifier"
-            attacked = self._attacked(threat_model, "none")
-            seed = seeds.attack_seed(self.protocol.seed, ATTACK_NAMES[loss], loss, threat_model,
-                                     norm, eps, source)
-            result = self._apgd(attacked, np.arange(len(self.images)), norm, eps, loss, 1, seed,
-                                steps=steps, label=f"{threat_model}/{source}")
-            self._shared[key] = _adversarial_of(result)
-        return self._shared[key]
-
-    def cascade(self, defense_name: str, norm: str, eps: float, full: bool) -> list:
-        """The ordered attacks on one defense at one radius (see the module docstring)."""
-        protocol = self.protocol
-        defense = self.defense(defense_name)
-        losses = protocol.losses if full else ["ce"]
-        chosen = protocol.threat_models if full else [
-            t for t in protocol.threat_models if t in ("oblivious", "bpda_eot")]
-        undefended = defense_name == "none"
-        candidates = (["white_box"] if undefended else []) + [
-            t for t in chosen if t != "gradient_free"]
-        applicable = [t for t in candidates if threat_models_lib.applies(t, defense_name,
-                                                                         defense)]
-        K = self.draws(defense_name)
-        attacks = []
-        # Defense-independent images first: made once for every defense, only scored here.
-        for loss in losses:
-            for threat_model in applicable:
-                if threat_model in ("white_box", "oblivious", "transfer"):
-                    source = "oblivious" if threat_model == "white_box" else threat_model
-                    attacks.append(CascadeAttack(
-                        threat_model, ATTACK_NAMES[loss], protocol.steps, 1, protocol.restarts,
-                        lambda indices, source=source, loss=loss: self._shared_run(
-                            source, loss, norm, eps)[indices]))
-        for loss in losses:
-            for threat_model in applicable:
-                if threat_model in ("white_box", "oblivious", "transfer"):
-                    continue
-                fixed = threat_model == "fixed_noise"
-                attacked = self._attacked(threat_model, defense_name)
-                eot = 1 if fixed else K
-                seed = seeds.attack_seed(protocol.seed, ATTACK_NAMES[loss], loss, threat_model,
-                                         norm, eps, defense_name)
-
-                def run(indices, attacked=attacked, loss=loss, eot=eot, seed=seed,
-                        threat_model=threat_model):
-                    result = self._apgd(attacked, indices, norm, eps, loss, eot, seed,
-                                        label=f"{threat_model}/{defense_name}")
-                    if (defense_name == "comdefend" and threat_model == "bpda_eot"
-                            and loss == "ce" and math.isclose(eps, protocol.headline_eps)):
-                        self.convergence[f"{norm} eps={eps:g}"] = {
-                            "examples": int(len(indices)),
-                            "robust_curve": np.asarray(result.robust_curve).tolist(),
-                            "loss_curve": np.asarray(result.loss_curve).tolist(),
-                            "step_sizes": np.asarray(result.step_sizes).tolist()}
-                    return _adversarial_of(result)
-                attacks.append(CascadeAttack(threat_model, ATTACK_NAMES[loss], protocol.steps,
-                                             eot, protocol.restarts, run,
-                                             self.fixed_noise() if fixed else None))
-        if full and "gradient_free" in protocol.threat_models:
-            attacked = self._attacked("white_box" if undefended else "gradient_free",
-                                      defense_name)
-            square_eot = (protocol.square_eot or protocol.eot_samples) if K > 1 else 1
-            seed = seeds.attack_seed(protocol.seed, "square", None, "gradient_free", norm, eps,
-                                     defense_name)
-            attacks.append(CascadeAttack(
-                "gradient_free", "square", protocol.square_queries, square_eot, 1,
-                lambda indices, model=attacked.model, square_eot=square_eot, seed=seed:
-                self._square(model, indices, norm, eps, square_eot, seed)))
-        return attacks
 
     # --------------------------------------------------------------------------- run
     def run(self, progress: Callable[[str], None] | None = None) -> dict:
@@ -510,7 +324,7 @@ class Evaluation:
                                      "bpda_eot", "linf", protocol.headline_eps, "comdefend")
             result = self._apgd(attacked, indices, "linf", protocol.headline_eps, "ce", eot,
                                 seed, steps=steps, label="ablation/comdefend")
-            adversarial = _adversarial_of(result)
+            adversarial = adversarial_images(result)
             checks.check_adversarial(self.images[indices], adversarial, protocol.headline_eps,
                                      "linf")
             correct = self.score("comdefend", adversarial, self.labels[indices])

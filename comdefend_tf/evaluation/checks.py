@@ -4,17 +4,18 @@ second classifier that really is a second classifier.
 A number computed from an adversarial image outside its ball, outside [0, 1] or with a NaN is
 not a robustness number; such a set is an error here. A transfer attack from "a second
 classifier" that is the first one again is a white-box attack on the classifier reported as
-transfer; it is refused, by path and by a fingerprint of the weights.
+transfer; it is refused, by path and by the fingerprint of its weights
+(``comdefend_tf.training.provenance.weights_fingerprint``, the one metrics.json records).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
 
 from comdefend_tf.attacks import constraints
+from comdefend_tf.training import provenance
 
 
 def check_adversarial(clean: np.ndarray, adversarial: np.ndarray, eps: float | None,
@@ -31,17 +32,6 @@ def check_adversarial(clean: np.ndarray, adversarial: np.ndarray, eps: float | N
     constraints.check_adversarial(clean, adversarial, None if eps is None else float(eps), norm)
 
 
-def weights_fingerprint(model) -> str:
-    """SHA-256 over the shapes and bytes of ``model.weights`` in order: equal for two copies of
-    one trained model wherever they are stored."""
-    digest = hashlib.sha256()
-    for weight in model.weights:
-        values = np.asarray(weight.numpy() if hasattr(weight, "numpy") else weight)
-        digest.update(str(values.shape).encode())
-        digest.update(np.ascontiguousarray(values, np.float32).tobytes())
-    return digest.hexdigest()
-
-
 def _model_file(path: str, filename: str) -> str:
     return os.path.realpath(os.path.join(path, filename) if os.path.isdir(path) else path)
 
@@ -56,7 +46,8 @@ def check_second_classifier(first, second, first_path: str | None = None,
         raise ValueError(f"the second classifier ({second_path}) is the same file as the "
                          f"classifier ({first_path}); transfer needs an independently trained "
                          "one")
-    if second is first or weights_fingerprint(first) == weights_fingerprint(second):
+    if second is first or (provenance.weights_fingerprint(first)
+                            == provenance.weights_fingerprint(second)):
         raise ValueError(f"the second classifier{f' ({second_path})' if second_path else ''} has "
                          "the same weights as the classifier (a copy); transfer needs an "
                          "independently trained one")

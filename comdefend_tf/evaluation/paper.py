@@ -37,14 +37,14 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from comdefend_tf import attacks as attacks_lib
-from comdefend_tf.evaluation import baselines as defenses_lib
+from comdefend_tf.evaluation import baselines
 from comdefend_tf.evaluation import checks, scoring
 from comdefend_tf.evaluation import threat_models as threat_models_lib
 
-THREAT_MODELS = ("oblivious", "bpda_eot", "bpda_identity")
+THREAT_MODELS = threat_models_lib.PAPER_PROTOCOL
 DEFAULT_THREAT_MODELS = ("oblivious", "bpda_eot")
 UNDEFENDED = "none"
-UNDEFENDED_THREAT_MODEL = "white_box"
+UNDEFENDED_THREAT_MODEL = threat_models_lib.UNDEFENDED_THREAT_MODEL
 
 
 def predict(model_fn, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -145,14 +145,14 @@ def evaluate(classifier, defenses: dict, images: np.ndarray, labels: np.ndarray,
              for spec in specs}
     attack_options = attack_options or {}
     defenses = dict(defenses)
-    defenses.setdefault(UNDEFENDED, defenses_lib.NoDefense(name=UNDEFENDED))
+    defenses.setdefault(UNDEFENDED, baselines.NoDefense(name=UNDEFENDED))
     defense_names = [UNDEFENDED] + [name for name in defenses if name != UNDEFENDED]
 
     undefended_fn = threat_models_lib.classifier_fn(classifier)
     defended_fns = {name: undefended_fn if name == UNDEFENDED
                     else threat_models_lib.pipeline_fn(classifier, defenses[name])
                     for name in defense_names}
-    draws = {name: eot_samples if defenses_lib.is_randomized(defenses[name]) else 1
+    draws = {name: eot_samples if baselines.is_randomized(defenses[name]) else 1
              for name in defense_names}
 
     def correct(name, adversarial):
@@ -192,7 +192,7 @@ def evaluate(classifier, defenses: dict, images: np.ndarray, labels: np.ndarray,
             rows.append({
                 "attack": spec.name, "eps": eps, "steps": steps[spec.name],
                 "threat_model": threat_model, "defense": defense_name,
-                "defense_label": defenses_lib.describe_defense(defense_name,
+                "defense_label": baselines.describe_defense(defense_name,
                                                                defenses[defense_name]),
                 "clean_accuracy": clean_accuracy[defense_name],
                 "accuracy_under_attack": summary["mean_acc"],

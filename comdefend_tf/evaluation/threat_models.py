@@ -39,16 +39,33 @@ from typing import Callable
 import tensorflow as tf
 from keras import ops
 
-from comdefend_tf.evaluation import baselines as defenses_lib
+from comdefend_tf.evaluation import baselines
 
+# The vocabulary: every threat model of every protocol. Everything else (the protocols'
+# lists, the binaries' flag choices and help) is derived from this tuple.
 THREAT_MODELS = ("white_box", "oblivious", "bpda_eot", "bpda_identity", "soft_path",
                  "fixed_noise", "transfer", "gradient_free")
 DEPRECATED_ALIASES = {"adaptive": "bpda_eot"}
+# The threat model of every row on the undefended classifier: assigned, never chosen.
+UNDEFENDED_THREAT_MODEL = THREAT_MODELS[0]
 # Threat models whose adversarial images do not depend on the defense: computed once per
 # (attack, eps) and scored on every defense.
 DEFENSE_INDEPENDENT = ("oblivious", "transfer")
 # Threat models that need ComDefend's own forward options (code path, noise).
 COMDEFEND_ONLY = ("soft_path", "fixed_noise")
+# Threat models that need more than the classifier and the defense: a second classifier.
+NEEDS_SECOND_CLASSIFIER = ("transfer",)
+# Threat models whose attack only queries the deployed pipeline (no gradient).
+QUERY_ONLY = ("gradient_free",)
+# Gradient attacks on the deployed pipeline itself (compared with the query-only attack by the
+# adaptive protocol's masking check).
+PIPELINE_GRADIENT = (UNDEFENDED_THREAT_MODEL, "bpda_eot", "bpda_identity")
+# What each protocol lets a user choose. Adaptive (train/robustness_report.py): all of them.
+# Paper (train/evaluate.py, cleverhans-style attacks on one callable): those that need
+# neither ComDefend's forward options, nor a second classifier, nor a query-only attack.
+ADAPTIVE_PROTOCOL = tuple(name for name in THREAT_MODELS if name != UNDEFENDED_THREAT_MODEL)
+PAPER_PROTOCOL = tuple(name for name in ADAPTIVE_PROTOCOL
+                       if name not in COMDEFEND_ONLY + NEEDS_SECOND_CLASSIFIER + QUERY_ONLY)
 DIFFERENTIATES = {
     "white_box": "the undefended classifier",
     "oblivious": "the classifier alone (its images then go through the defense)",
@@ -145,7 +162,7 @@ def applies(threat_model: str, defense_name: str, defense) -> bool:
     forward options only on ComDefend (``fixed_noise`` only when it is randomized), and
     ``bpda_identity`` not where the defense's own backward pass already is the identity (JPEG,
     bit depth: the row would repeat ``bpda_eot``)."""
-    undefended = defense is None or isinstance(defense, defenses_lib.NoDefense)
+    undefended = defense is None or isinstance(defense, baselines.NoDefense)
     if threat_model == "white_box":
         return undefended
     if undefended:
@@ -154,10 +171,10 @@ def applies(threat_model: str, defense_name: str, defense) -> bool:
     if threat_model in COMDEFEND_ONLY and not hasattr(defense, "forward"):
         return False
     if threat_model == "fixed_noise":
-        return defenses_lib.is_randomized(defense)
+        return baselines.is_randomized(defense)
     if threat_model == "bpda_identity":
-        return not isinstance(defense, (defenses_lib.JpegDefense,
-                                        defenses_lib.BitDepthReduction))
+        return not isinstance(defense, (baselines.JpegDefense,
+                                        baselines.BitDepthReduction))
     return True
 
 
@@ -175,7 +192,7 @@ def build(threat_model: str, classifier, defense=None, second_classifier=None,
       ValueError: an unknown name, or what the threat model needs is missing.
     """
     name = resolve(threat_model)
-    randomized = defense is not None and defenses_lib.is_randomized(defense)
+    randomized = defense is not None and baselines.is_randomized(defense)
     describe = DIFFERENTIATES[name]
     if name in ("white_box", "oblivious"):
         return AttackedModel(name, logits_fn(classifier), describe)

@@ -1,1 +1,2 @@
-"""Image input and output: bounded reading, listing, atomic writes, datasets."""
+"""Image input and output: headers, bounded reading, listing, tf.train.Example, atomic writes,
+datasets."""

@@ -16,10 +16,12 @@ Source names accepted by ``load_dataset``:
 * ``mnist``, ``fashion_mnist``, ``cifar10``, ``imagenet2012``: tensorflow-datasets names
   (``imagenet2012`` needs ``manual_dir`` and ``image_size``).
 * ``folder:PATH``: one subfolder per class of PNG/JPEG files, the layout of Keras'
-  ``image_dataset_from_directory``.
+  ``image_dataset_from_directory``; listed by ``io.listing`` (links out of a class folder,
+  dangling links and non-regular files refused) and checked by ``io.headers`` (PNG or JPEG by
+  content) before the dataset opens.
 * ``tfrecord:GLOB``: TFRecord files of ``tf.train.Example`` with an encoded PNG/JPEG in
-  ``image/encoded`` and, optionally, an int64 ``image/class/label`` (the layout
-  ``export/purify_dataset.py`` writes, and TF Model Garden's). Opening it reads every record
+  ``image/encoded`` and, optionally, an int64 ``image/class/label`` (``io.examples``: the
+  layout ``export/purify_dataset.py`` writes, and TF Model Garden's). Opening it reads every record
   once to learn the count, the image shape and the classes (from ``image/height``,
   ``image/width`` and ``image/channels`` when present, else by decoding).
 """
@@ -35,14 +37,13 @@ import numpy as np
 import tensorflow as tf
 
 from comdefend_tf import optional
+from comdefend_tf.io import examples, headers, listing
+from comdefend_tf.io import images as image_io
 
 EMBEDDED_SOURCES = ("mnist5k", "digits", "photos32")
 TFDS_SOURCES = ("mnist", "fashion_mnist", "cifar10", "imagenet2012")
 FOLDER_PREFIX = "folder:"
 TFRECORD_PREFIX = "tfrecord:"
-TFRECORD_IMAGE_FEATURE = "image/encoded"
-TFRECORD_LABEL_FEATURE = "image/class/label"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 COLOR_MODES = {"grayscale": 1, "rgb": 3}
 # The photographs of scikit-image that load without a network and are natural RGB scenes.
 _SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
@@ -271,11 +272,16 @@ def _convert(data: ImageData, image_size, color_mode) -> ImageData:
 
 
 # ------------------------------------------------------------------------------ folders
-def list_image_folder(path: str):
+def list_image_folder(path: str, max_files: int = listing.DEFAULT_MAX_FILES):
     """``(files, labels, class_names)`` of a class-per-subfolder image directory, sorted.
 
+    Each class folder is listed by ``comdefend_tf.io.listing.list_images`` (its ``.png``,
+    ``.jpg`` and ``.jpeg`` files, any case); a file that is a symbolic link leading out of its
+    class folder, a dangling link or not a regular file is refused, not read.
+
     Raises:
-      DataError: not a directory, no class subfolders, or no PNG/JPEG files.
+      DataError: not a directory, no class subfolders, no PNG/JPEG files, a refused file
+        (named, with the reason), or more than ``max_files`` files in all.
     """
     if not os.path.isdir(path):
         raise DataError(f"folder source {path!r} is not a directory")
@@ -286,35 +292,50 @@ def list_image_folder(path: str):
                         f"PATH/<class>/<image>.png)")
     files, labels = [], []
     for label, class_name in enumerate(class_names):
-        class_dir = os.path.join(path, class_name)
-        for file_name in sorted(os.listdir(class_dir)):
-            if file_name.lower().endswith(IMAGE_EXTENSIONS):
-                files.append(os.path.join(class_dir, file_name))
-                labels.append(label)
+        try:
+            found = listing.list_images(os.path.join(path, class_name), max_files - len(files))
+        except FileNotFoundError:
+            continue  # a class folder without images
+        except listing.TooManyFilesError as error:
+            raise DataError(f"folder source {path!r} holds more than {max_files:,} image "
+                            f"files") from error
+        if found.refused:
+            refused, reason = found.refused[0]
+            raise DataError(f"cannot read image file {refused!r}: {reason}")
+        files.extend(found.paths)
+        labels.extend([label] * len(found.paths))
     if not files:
-        raise DataError(f"folder source {path!r} holds no {'/'.join(IMAGE_EXTENSIONS)} files in "
-                        f"its class subfolders {class_names}")
+        raise DataError(f"folder source {path!r} holds no {'/'.join(listing.IMAGE_EXTENSIONS)} "
+                        f"files in its class subfolders {class_names}")
     return files, np.asarray(labels, np.int64), class_names
 
 
-def inspect_image_file(path: str) -> tuple[int, int, int]:
-    """``(height, width, channels)`` of an image file, after checking it decodes.
+def inspect_image_file(path: str, max_pixels: int = image_io.DEFAULT_MAX_PIXELS,
+                       max_bytes: int = image_io.DEFAULT_MAX_BYTES) -> tuple[int, int, int]:
+    """``(height, width, channels)`` of a PNG or JPEG file, after checking it decodes.
+
+    ``channels`` as stored (1 grey, 2 grey + alpha, 3 RGB or palette, 4 RGBA or CMYK). The file
+    is read with ``image_io.read_bounded`` and its header with ``headers.read_header`` (the
+    purify command's rules: content decides the format, only PNG and JPEG) before decoding.
 
     Raises:
-      DataError: naming the file, when it is unreadable, corrupt or not an image.
+      DataError: naming the file, when it is unreadable, corrupt, not PNG/JPEG or over the
+        limits.
     """
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(path) as image:
-            image.load()  # full decode: catches truncated and corrupt data, not only headers
-            mode, (width, height) = image.mode, image.size
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise DataError(f"cannot read image file {path!r}: {error}") from error
-    channels = {"L": 1, "P": 3, "RGB": 3, "RGBA": 4, "LA": 2, "I;16": 1, "I": 1, "CMYK": 4}
-    if mode not in channels:
-        raise DataError(f"image file {path!r} has unsupported mode {mode}")
-    return height, width, channels[mode]
+        data = image_io.read_bounded(path, max_bytes)
+        header = headers.read_header(data, path, allow_cmyk=True)
+    except (image_io.ImageReadError, OSError) as error:  # its message names the file
+        raise DataError(f"cannot read image file: {error}") from error
+    if header.height * header.width > max_pixels:
+        raise DataError(f"image file {path!r} declares {header.width}x{header.height} = "
+                        f"{header.width * header.height:,} pixels, more than the limit of "
+                        f"{max_pixels:,}")
+    try:
+        tf.io.decode_image(data, expand_animations=False)  # catches truncated, corrupt data
+    except tf.errors.OpError as error:
+        raise DataError(f"cannot read image file {path!r}: {headers.tf_message(error)}") from None
+    return header.height, header.width, header.channels
 
 
 def _load_folder(name, path, image_size, color_mode, holdout_fraction, split_seed) -> ImageData:
@@ -368,30 +389,6 @@ def _load_folder(name, path, image_size, color_mode, holdout_fraction, split_see
 
 
 # ---------------------------------------------------------------------------- TFRecords
-def _parse_example(serialized):
-    features = tf.io.parse_single_example(serialized, {
-        TFRECORD_IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string, default_value=""),
-        TFRECORD_LABEL_FEATURE: tf.io.FixedLenFeature([], tf.int64, default_value=-1),
-        "image/height": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
-        "image/width": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
-        "image/channels": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
-    })
-    return features
-
-
-def _example_shape_and_label(serialized):
-    """``([height, width, channels] int64, label int64)`` of one record; decodes only when the
-    record does not state its shape."""
-    features = _parse_example(serialized)
-    stated = tf.stack([features["image/height"], features["image/width"],
-                       features["image/channels"]])
-    shape = tf.cond(
-        tf.reduce_all(stated > 0), lambda: stated,
-        lambda: tf.cast(tf.shape(tf.io.decode_image(features[TFRECORD_IMAGE_FEATURE],
-                                                    expand_animations=False)), tf.int64))
-    return shape, features[TFRECORD_LABEL_FEATURE]
-
-
 def _load_tfrecord(name, pattern, image_size, color_mode, holdout_fraction,
                    split_seed) -> ImageData:
     import glob
@@ -402,12 +399,12 @@ def _load_tfrecord(name, pattern, image_size, color_mode, holdout_fraction,
     records = tf.data.TFRecordDataset(files)
     shapes, labels = [], []
     try:
-        for shape, label in records.map(_example_shape_and_label).as_numpy_iterator():
+        for shape, label in records.map(examples.example_shape_and_label).as_numpy_iterator():
             shapes.append(tuple(int(v) for v in shape))
             labels.append(int(label))
     except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
         raise DataError(f"tfrecord source {pattern!r}: record {len(shapes)} is not a "
-                        f"tf.train.Example with a decodable {TFRECORD_IMAGE_FEATURE!r}: "
+                        f"tf.train.Example with a decodable {examples.FEATURE_ENCODED!r}: "
                         f"{error.message}") from error
     if not shapes:
         raise DataError(f"tfrecord source {pattern!r} holds no records")
@@ -442,13 +439,13 @@ def _load_tfrecord(name, pattern, image_size, color_mode, holdout_fraction,
     is_test = tf.constant(is_test)
 
     def decode(serialized):
-        features = _parse_example(serialized)
-        image = tf.io.decode_image(features[TFRECORD_IMAGE_FEATURE], channels=channels,
+        features = examples.parse_example(serialized)
+        image = tf.io.decode_image(features[examples.FEATURE_ENCODED], channels=channels,
                                    expand_animations=False, dtype=tf.float32)
         if image_size is not None:
             image = tf.clip_by_value(tf.image.resize(image, image_size, antialias=True), 0., 1.)
         image.set_shape((height, width, channels))
-        return image, features[TFRECORD_LABEL_FEATURE]
+        return image, features[examples.FEATURE_LABEL]
 
     def split(want_test):
         return (records.enumerate()
@@ -459,68 +456,3 @@ def _load_tfrecord(name, pattern, image_size, color_mode, holdout_fraction,
     return ImageData(name, split(False), split(True), (height, width, channels), num_classes,
                      len(shapes) - num_test, num_test)
 
-
-# ------------------------------------------------------- in-graph decoding of tf.Examples
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-def _header_height_width(encoded: tf.Tensor, is_png: tf.Tensor) -> tf.Tensor:
-    """int64 ``[height, width]`` from a PNG's IHDR (bytes 16-23, big-endian) or a JPEG's
-    frame header, without decoding pixels."""
-    def png_size():
-        padded = encoded + tf.constant(b"\0" * 24)  # short data reads zeros, not out of range
-        raw = tf.cast(tf.io.decode_raw(tf.strings.substr(padded, 16, 8), tf.uint8), tf.int64)
-        big_endian = tf.constant([1 << 24, 1 << 16, 1 << 8, 1], tf.int64)
-        width, height = tf.reduce_sum(raw[:4] * big_endian), tf.reduce_sum(raw[4:] * big_endian)
-        return tf.stack([height, width])
-
-    def jpeg_size():
-        return tf.cast(tf.image.extract_jpeg_shape(encoded)[:2], tf.int64)
-
-    return tf.cond(is_png, png_size, jpeg_size)
-
-
-def decode_example_image(serialized: tf.Tensor, channels: int, max_pixels: int) -> tf.Tensor:
-    """One serialized ``tf.train.Example`` -> its ``image/encoded`` image, in the graph.
-
-    For serving signatures that take examples (TF Model Garden's ``tf_example`` input type):
-    checks, in order, before any pixel is decoded, each raising ``InvalidArgumentError`` with a
-    message naming the problem: the example has an ``image/encoded`` feature; it holds PNG or
-    JPEG data; the header's height x width is at least 1 pixel and at most ``max_pixels``.
-    Corrupt data that passes the header checks fails in the decoder with its own message.
-
-    Args:
-      serialized: string scalar, a serialized ``tf.train.Example``.
-      channels: 1 or 3: channels of the result (converted as ``tf.io.decode_image`` does).
-      max_pixels: the most pixels accepted.
-
-    Returns:
-      uint8 ``[height, width, channels]``.
-    """
-    features = tf.io.parse_single_example(serialized, {
-        TFRECORD_IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string, default_value="")})
-    encoded = features[TFRECORD_IMAGE_FEATURE]
-    length = tf.strings.length(encoded)
-    is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_MAGIC), unit="BYTE"), _PNG_MAGIC)
-    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(_JPEG_MAGIC), unit="BYTE"),
-                       _JPEG_MAGIC)
-    has_image = tf.debugging.Assert(
-        length > 0, [f"the example has no {TFRECORD_IMAGE_FEATURE} feature (or it is empty)"])
-    with tf.control_dependencies([has_image]):
-        known_format = tf.debugging.Assert(
-            tf.logical_or(is_png, is_jpeg),
-            [f"{TFRECORD_IMAGE_FEATURE} must hold a PNG or JPEG image; got", length,
-             "bytes of neither"])
-    with tf.control_dependencies([known_format]):
-        height_width = _header_height_width(encoded, is_png)
-    pixels = height_width[0] * height_width[1]
-    size_ok = tf.debugging.Assert(
-        tf.logical_and(pixels >= 1, pixels <= max_pixels),
-        [f"the image must have 1 to {max_pixels} pixels (max_pixels); its header says height x "
-         "width", height_width], summarize=2)
-    with tf.control_dependencies([size_ok]):
-        encoded = tf.identity(encoded)
-    image = tf.io.decode_image(encoded, channels=channels, dtype=tf.uint8,
-                               expand_animations=False)
-    return tf.ensure_shape(image, [None, None, channels])

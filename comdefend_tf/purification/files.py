@@ -1,26 +1,17 @@
-"""Purifying image files: planning safe output paths, purifying one array, and the loop over
-files that the purify command (``export/purify_images.py``) and the demo tools share.
+"""Purifying image files one at a time: the purify command's loop, and one array at a time.
 
-Safety rules (checked by ``plan_outputs`` before anything is written): never write into a
-folder that holds an input image, never write an output over an input file (through links or
-not), never let an output name leave the output folder, never let two inputs share an output
-name, never replace an existing output (or a link planted in its place) unless asked.
-
-``purify_files`` refuses, by name and with a reason, every input that is not a readable PNG or
-JPEG within the limits (``image_io``: bytes, declared pixels, format, corruption, colour
-components) and goes on with the others; the summary lists them.
-
-Memory: in the default whole-image mode an image larger than ``tile_above_pixels`` (default
-``patches.whole_image_pixel_budget``: the model's widths against a 2 GiB activation target,
-about 350 k pixels for the ``paper`` widths) is tiled automatically with the receptive-field
-radius as overlap, which gives exactly the whole-image result (``patches.exact_tiling``), so no
-image size runs the network out of memory by default.
+``purify_array``: float32 ``[H, W, C]`` in [0, 1] -> the purified image, same shape, in (0, 1);
+in the whole-image mode an image above the pixel budget is tiled exactly (``automatic_tiling``,
+``patches.exact_tiling``: the receptive-field radius as overlap), so no image size runs the
+network out of memory and the result equals the whole-image one. ``purify_files`` reads each
+input of a ``plan.plan_outputs`` pairing with ``io.images`` (limits checked before reading or
+decoding), writes a rounded PNG atomically, and refuses (``refusals``), by name and with a
+reason, every input it cannot read or write while the others go on.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from typing import Callable, Sequence
@@ -31,50 +22,7 @@ from tqdm import tqdm
 
 from comdefend_tf.io import images as image_io
 from comdefend_tf.patches import Tiling, exact_tiling, purify_patchwise, whole_image_pixel_budget
-
-
-class OutputPlanError(ValueError):
-    """The requested outputs would overwrite files, collide, or land in an input folder."""
-
-
-def plan_outputs(input_paths: Sequence[str], output_dir: str,
-                 overwrite: bool = False) -> list[tuple[str, str]]:
-    """Pairs each input with ``OUTPUT_DIR/<stem>.png`` after checking the plan is safe.
-
-    Raises:
-      OutputPlanError: ``output_dir`` holds an input image, an output would be an input file
-        or land outside ``output_dir``, two inputs share an output name, or (without
-        ``overwrite``) an output file or link already exists. Nothing has been written.
-    """
-    output_real = os.path.realpath(output_dir)
-    output_folder = os.path.normpath(os.path.abspath(output_dir))
-    input_folders = {os.path.realpath(os.path.dirname(os.path.abspath(p))) for p in input_paths}
-    if output_real in input_folders:
-        raise OutputPlanError(f"output folder {output_dir!r} holds input images; choose another "
-                              f"folder (purified images are never written into an input folder)")
-    input_files = {os.path.realpath(p) for p in input_paths}
-    pairs, claimed = [], {}
-    for path in input_paths:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        target = os.path.join(output_dir, stem + ".png")
-        if (os.path.dirname(os.path.normpath(os.path.abspath(target))) != output_folder
-                or stem in ("", ".", "..")):
-            raise OutputPlanError(f"the output name for {path!r} would leave {output_dir!r}")
-        if os.path.realpath(target) in input_files:
-            raise OutputPlanError(f"{target!r} is an input file (or a link to one); purified "
-                                  f"images never replace inputs")
-        if target in claimed:
-            raise OutputPlanError(f"{claimed[target]!r} and {path!r} would both be written to "
-                                  f"{target!r}; purify them into different folders")
-        claimed[target] = path
-        pairs.append((path, target))
-    if not overwrite:
-        existing = [target for _, target in pairs if os.path.lexists(target)]
-        if existing:
-            raise OutputPlanError(f"{len(existing)} output file(s) already exist (first: "
-                                  f"{existing[0]!r}); pass --overwrite (overwrite=True) to "
-                                  f"replace them")
-    return pairs
+from comdefend_tf.purification import refusals
 
 
 def automatic_tiling(model, height: int, width: int,
@@ -94,6 +42,29 @@ def automatic_tiling(model, height: int, width: int,
     if not tile_above_pixels or height * width <= tile_above_pixels:
         return None
     return exact_tiling(model.config, height, width, tile_above_pixels)
+
+
+def check_settings(model, channel_order: str = "rgb",
+                   tile_above_pixels: int | None = None) -> None:
+    """Refuses settings ``purify_files`` cannot honour with ``model``, before any work.
+
+    Raises:
+      ValueError: the model takes other than 1 or 3 channels (image files are grey or RGB),
+        ``bgr`` with a model of other than 3 channels, or a ``tile_above_pixels`` budget too
+        small for one exact tile.
+    """
+    channels = model.config.input_channels
+    if channels not in (1, 3):
+        raise ValueError(f"the model takes {channels}-channel images; image files are read as "
+                         f"grey (1) or RGB (3)")
+    if channel_order == "bgr" and channels != 3:
+        raise ValueError(f"--channel_order=bgr needs a 3-channel model; this one has "
+                         f"{channels}")
+    if tile_above_pixels:
+        try:
+            exact_tiling(model.config, 1, 1, tile_above_pixels)
+        except ValueError as error:
+            raise ValueError(f"--tile_above_pixels: {error}") from error
 
 
 def purify_array(model, image: np.ndarray, patch_size: int = 0, overlap: int = 0,
@@ -155,7 +126,7 @@ class PurifySummary:
     def refusals(self) -> list[str]:
         """One line per refused input: ``refused 'PATH': REASON`` (the path quoted as Python
         would, so a hostile name cannot forge lines or terminal escapes)."""
-        return [f"refused {path!r}: {reason}" for path, reason in self.failures]
+        return [refusals.refused_line(path, reason) for path, reason in self.failures]
 
 
 def purify_files(model, pairs: Sequence[tuple[str, str]], patch_size: int = 0, overlap: int = 0,
@@ -181,12 +152,11 @@ def purify_files(model, pairs: Sequence[tuple[str, str]], patch_size: int = 0, o
     summary = PurifySummary(failures=list(refused))
     start = time.perf_counter()
 
-    def refuse(path, reason):
-        # image_io's messages start with the quoted path, which the summary already shows.
-        reason = reason.removeprefix(repr(path)).lstrip(": ") or reason
-        summary.failures.append((path, reason))
+    def refuse(path, error):
+        detail = refusals.detail_of(error, path)
+        summary.failures.append((path, detail))
         if on_error:
-            on_error(f"refused {path!r}: {reason}")
+            on_error(refusals.refused_line(path, detail))
 
     for source, target in tqdm(pairs, desc="purify", unit="image", disable=not progress,
                                file=sys.stderr):
@@ -194,7 +164,7 @@ def purify_files(model, pairs: Sequence[tuple[str, str]], patch_size: int = 0, o
             image = image_io.read_image(source, channels=channels, max_pixels=max_image_pixels,
                                         max_bytes=max_file_bytes)
         except (image_io.ImageReadError, OSError) as error:
-            refuse(source, str(error))
+            refuse(source, error)
             continue
         if not patch_size and automatic_tiling(model, image.shape[0], image.shape[1],
                                                tile_above_pixels):

@@ -1,1 +1,2 @@
-"""Serving: the SavedModel signatures, the versioned export and the client."""
+"""Serving: settings, in-graph request checks and tiling, the signatures, the versioned export
+and the TF Serving client."""

@@ -16,23 +16,14 @@ Architectures (``ARCHITECTURES``):
   expect; ImageNet weights load from a local ``.h5``/``.weights.h5`` file when given.
 * ``auto``: chooses by input shape (``choose_architecture``).
 
-Training uses ``fit`` with the same step checkpoints, reproducible data order, non-finite
-checks and strategies as ComDefend's training (``comdefend_tf.training.purifier``): a killed run resumes
-at its last checkpointed step, a diverged run raises ``training.NonFiniteTraining`` and writes
+Training (``train_classifier``) uses ``fit`` with the step checkpoints, data order,
+non-finite checks and strategies of ``run_state``, ``stream`` and ``strategies``: a killed run
+resumes at its last checkpointed step, a diverged run raises ``NonFiniteTraining`` and writes
 no model; ``save_classifier`` writes ``MODEL_DIR/classifier.keras`` and ``metrics.json``
-atomically.
-
-**Training behind a purifier** (the paper's defense at training and test time): with
-``purifier_dir`` the classifier is trained on purified images. On the fly by default: the frozen
-purifier (``trainable=False``, its inference settings; with inference noise every step draws
-fresh noise, an augmentation) runs in front of the classifier inside the trained model
-(``PurifiedClassifier``), built in the strategy scope like the classifier, so ``tf.distribute``
-and step checkpoints (the noise generator's state included) work as for a plain classifier; the
-purifier's weights never change. With ``purified_input`` the data were purified in advance (the
-purify commands) and the purifier only identifies them. Either way ``metrics.json`` records the
-purifier under ``provenance.PURIFIER_KEY`` (path, config, weights fingerprint), which
-evaluation, export and serving compare with the purifier they compose the classifier with.
-``init_classifier_dir`` fine-tunes an existing classifier instead of a fresh one.
+atomically. With ``purifier_dir`` the classifier is trained behind a frozen purifier (on the
+fly, ``PurifiedClassifier``, or on images purified in advance with ``purified_input``), and
+``metrics.json`` records that purifier under ``provenance.PURIFIER_KEY``
+(docs/internals/training.md).
 """
 
 from __future__ import annotations
@@ -46,9 +37,8 @@ import tensorflow as tf
 from keras import ops
 
 from comdefend_tf.io import datasets as data_lib
-from comdefend_tf.training import provenance
-from comdefend_tf.training import purifier as training
 from comdefend_tf.io.atomic import atomic_path, write_json_atomic
+from comdefend_tf.training import provenance, run_state, strategies, stream
 
 ARCHITECTURES = ("auto", "small_cnn", "resnet_cifar", "resnet50")
 KERAS_FILENAME = "classifier.keras"
@@ -307,14 +297,14 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
                      strategy: str | tf.distribute.Strategy = "default", seed: int = 0,
                      weights_path: str | None = None, steps_per_epoch: int | None = None,
                      verbose: int | str = "auto", extra_callbacks: list | None = None,
-                     checkpoint_every_steps: int = training.DEFAULT_CHECKPOINT_EVERY_STEPS,
+                     checkpoint_every_steps: int = run_state.DEFAULT_CHECKPOINT_EVERY_STEPS,
                      purifier_dir: str | None = None, purified_input: bool = False,
                      purify_manifest: str | None = None,
                      init_classifier_dir: str | None = None,
                      ) -> tuple[keras.Model, dict]:
     """Trains a classifier on ``image_data.train`` with cross-entropy on logits and saves it.
 
-    Uses ``training.fit_resumable``: checkpoints every ``checkpoint_every_steps`` steps in
+    Uses ``run_state.fit_resumable``: checkpoints every ``checkpoint_every_steps`` steps in
     ``model_dir/backup`` (a killed run restarted with the same ``model_dir`` resumes at the
     checkpointed step with the batches it had not seen; a finished one only rewrites the
     model), ``TensorBoard`` logs and ``model_dir/progress.json``, like
@@ -351,8 +341,8 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
     Raises:
       ValueError: unlabelled data, bad settings, an unsupported strategy, a purifier or
         initial classifier that does not fit the data, or ``purified_input`` without a named
-        purifier. training.NonFiniteTraining: the loss or a weight became NaN or infinite (the
-        checkpoints and any previous model file stay). training.TrainingError: the directory
+        purifier. run_state.NonFiniteTraining: the loss or a weight became NaN or infinite (the
+        checkpoints and any previous model file stay). run_state.TrainingError: the directory
         holds a run with other settings (another purifier or initial classifier included).
     """
     if not image_data.num_classes:
@@ -368,12 +358,12 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
                          "Keras 3 fit fails under MultiWorkerMirroredStrategy "
                          "(keras-team/keras#20585)")
     if isinstance(strategy, str):
-        strategy = training.make_strategy(strategy)
+        strategy = strategies.make_strategy(strategy)
     keras.utils.set_random_seed(seed)
     os.makedirs(model_dir, exist_ok=True)
     if init_classifier_dir is None:
         architecture = choose_architecture(image_data.image_shape, architecture)
-    batches_per_pass, steps_per_epoch = training.plan_steps(image_data, batch_size,
+    batches_per_pass, steps_per_epoch = stream.plan_steps(image_data, batch_size,
                                                             steps_per_epoch)
     total_steps = epochs * steps_per_epoch
     with strategy.scope():
@@ -411,20 +401,20 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
             for key in ("inference_noise_std", "inference_mode")}
     if init_info is not None:
         settings["init_classifier_fingerprint"] = init_info["fingerprint"]
-    state = training.RunState(model_dir, model, model.optimizer, settings, strategy)
+    state = run_state.RunState(model_dir, model, model.optimizer, settings, strategy)
     state.restore()
     state.check_finished_run_unchanged(total_steps)
-    progress = training.Progress(model_dir, total_steps, steps_per_epoch)
+    progress = run_state.Progress(model_dir, total_steps, steps_per_epoch)
 
     def make_stream(start_step):
-        return training.training_stream(image_data.train, batch_size, seed, start_step,
+        return stream.training_stream(image_data.train, batch_size, seed, start_step,
                                         total_steps, batches_per_pass)
 
     test = data_lib.batched(image_data.test, batch_size)
-    callbacks = [keras.callbacks.TensorBoard(os.path.join(model_dir, training.LOG_SUBDIR),
+    callbacks = [keras.callbacks.TensorBoard(os.path.join(model_dir, run_state.LOG_SUBDIR),
                                              profile_batch=0)] + list(extra_callbacks or [])
     start = time.perf_counter()
-    history = training.fit_resumable(model, make_stream, test, state, progress, epochs,
+    history = run_state.fit_resumable(model, make_stream, test, state, progress, epochs,
                                      steps_per_epoch, checkpoint_every_steps, callbacks, verbose,
                                      batch_size)
     seconds = time.perf_counter() - start
@@ -447,11 +437,11 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
         metrics["held_out_accuracy_unpurified"] = _dataset_accuracy(classifier, test)
         if any(not np.array_equal(before, np.asarray(after))
                for before, after in zip(purifier_weights, purifier.weights)):
-            raise training.TrainingError("the purifier's weights changed during training; "
+            raise run_state.TrainingError("the purifier's weights changed during training; "
                                          "no classifier was written")
-    if not training.all_finite(classifier.variables):
+    if not run_state.all_finite(classifier.variables):
         progress.update(step=state.step, state="diverged")
-        raise training.NonFiniteTraining(state.non_finite_message(state.step, "a weight"),
+        raise run_state.NonFiniteTraining(state.non_finite_message(state.step, "a weight"),
                                          state.step, state.checkpoint_step)
     save_classifier(classifier, model_dir, metrics)
     progress.update(step=state.step, checkpoint_step=state.checkpoint_step, state="done")

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from comdefend_tf.io import datasets as data_lib
 from comdefend_tf.attacks import apgd as apgd_lib
+from comdefend_tf.attacks import apgd_steps
 from comdefend_tf.attacks.constraints import check_adversarial
 from tests.fixtures import attack_models as attack_fixtures
 
@@ -49,21 +50,21 @@ def published_checkpoints(steps):
 
 @pytest.mark.parametrize("steps", [10, 20, 37, 50, 100, 250, 1000])
 def test_checkpoints_follow_the_published_formula_exactly(steps):
-    assert apgd_lib.checkpoints(steps) == published_checkpoints(steps)
+    assert apgd_steps.checkpoints(steps) == published_checkpoints(steps)
 
 
 def test_checkpoints_at_the_usual_budgets():
     # p = 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99.
-    assert apgd_lib.checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
-    assert apgd_lib.checkpoints(50) == [11, 21, 29, 35, 40, 44, 47, 50]
+    assert apgd_steps.checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert apgd_steps.checkpoints(50) == [11, 21, 29, 35, 40, 44, 47, 50]
     with pytest.raises(ValueError, match="steps"):
-        apgd_lib.checkpoints(0)
+        apgd_steps.checkpoints(0)
 
 
 # ----------------------------------------------------------------------------- halving
 def test_halving_condition_one_counts_loss_increases_against_rho():
     # 22 steps since the last checkpoint: rho * 22 = 16.5 increases are needed to keep eta.
-    decision = apgd_lib.halving_decision(
+    decision = apgd_steps.halving_decision(
         increases=np.array([16.0, 17.0, 0.0, 22.0]), span=22,
         halved_at_last_check=np.array([True] * 4),
         best_loss=np.array([2.0, 2.0, 2.0, 2.0]),
@@ -72,7 +73,7 @@ def test_halving_condition_one_counts_loss_increases_against_rho():
 
 
 def test_halving_condition_two_needs_an_unchanged_step_and_an_unchanged_best_loss():
-    decision = apgd_lib.halving_decision(
+    decision = apgd_steps.halving_decision(
         increases=np.full(4, 22.0), span=22,  # condition 1 never holds here
         halved_at_last_check=np.array([False, False, True, True]),
         best_loss=np.array([1.0, 1.5, 1.0, 1.5]),
@@ -188,7 +189,7 @@ def test_momentum_step_formula_on_known_numbers():
     previous = images
     gradient = tf.constant([[[[1.0], [1.0]]]])
     eta = tf.fill([1, 1, 1, 1], 0.05)
-    moved = apgd_lib.momentum_step(current, previous, gradient, eta, images, 0.2, "linf", 0.75)
+    moved = apgd_steps.momentum_step(current, previous, gradient, eta, images, 0.2, "linf", 0.75)
     # z = x + 0.05 sign(g) = [0.65, 0.45]; x + 0.75 (z - x) + 0.25 (x - x_prev)
     #   = [0.6 + 0.0375 + 0.025, 0.4 + 0.0375 - 0.025].
     np.testing.assert_allclose(moved.numpy().ravel(), [0.6625, 0.4125], atol=1e-6)
@@ -199,13 +200,13 @@ def test_dlr_losses_match_the_formulas():
     logits = tf.constant([[5.0, 3.0, 1.0, 0.0, -1.0]])
     labels = tf.constant([1])
     # Untargeted: -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3) = -(3 - 5) / (5 - 1).
-    assert apgd_lib.loss_per_example(logits, labels, "dlr").numpy()[0] == pytest.approx(0.5)
+    assert apgd_steps.loss_per_example(logits, labels, "dlr").numpy()[0] == pytest.approx(0.5)
     # Targeted (t = 3): -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2) = -(3 - 0) / (5 - 0.5).
-    targeted = apgd_lib.loss_per_example(logits, labels, "dlr", tf.constant([3]))
+    targeted = apgd_steps.loss_per_example(logits, labels, "dlr", tf.constant([3]))
     assert targeted.numpy()[0] == pytest.approx(-3.0 / 4.5)
-    assert apgd_lib.margin(logits, labels).numpy()[0] == pytest.approx(-2.0)
+    assert apgd_steps.margin(logits, labels).numpy()[0] == pytest.approx(-2.0)
     with pytest.raises(ValueError, match="at least 4 classes"):
-        apgd_lib.loss_per_example(tf.zeros([1, 3]), tf.constant([0]), "dlr", tf.constant([1]))
+        apgd_steps.loss_per_example(tf.zeros([1, 3]), tf.constant([0]), "dlr", tf.constant([1]))
 
 
 class CountingScaledModel:
@@ -229,10 +230,10 @@ def test_eot_gradient_averages_one_gradient_per_draw():
     model = CountingScaledModel([1.0, 2.0, -3.0])
     images = tf.constant(np.random.default_rng(1).uniform(size=(2, 2, 2, 1)), tf.float32)
     labels = tf.constant([0, 2])
-    loss, _, _, gradient = apgd_lib.eot_gradient(model, images, labels, "ce", eot_iter=3)
+    loss, _, _, gradient = apgd_steps.eot_gradient(model, images, labels, "ce", eot_iter=3)
     assert int(model.calls.numpy()) == 3
     model.calls.assign(0)
-    singles = [apgd_lib.single_draw_gradient(model, images, labels, "ce") for _ in range(3)]
+    singles = [apgd_steps.single_draw_gradient(model, images, labels, "ce") for _ in range(3)]
     np.testing.assert_allclose(gradient.numpy(), np.mean([g.numpy() for _, _, g in singles], 0),
                                rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(loss.numpy(), np.mean([l.numpy() for l, _, _ in singles], 0),
@@ -315,7 +316,7 @@ def test_apgd_stays_in_the_ball_and_reports_true_margins(classifier, held_out, n
                            batch_size=12)
     check_adversarial(images, result.adversarial, eps, norm)
     # The returned points are the lowest-margin ones: their recorded margin is the real one.
-    np.testing.assert_allclose(apgd_lib.margin(classifier(result.adversarial), labels).numpy(),
+    np.testing.assert_allclose(apgd_steps.margin(classifier(result.adversarial), labels).numpy(),
                                result.best_margin, rtol=1e-4, atol=1e-4)
     assert result.nonfinite_gradients == 0
     assert result.robust_curve.shape == (2, 11) and result.step_sizes.shape == (2, 10)

@@ -7,12 +7,12 @@ import pytest
 import tensorflow as tf
 from scipy.ndimage import median_filter
 
-from comdefend_tf.evaluation import baselines as defenses
+from comdefend_tf.evaluation import baselines
 from comdefend_tf.config import get_config
 from comdefend_tf.model import ComDefend
 
-BASELINES = [defenses.NoDefense(), defenses.JpegDefense(50), defenses.BitDepthReduction(3),
-             defenses.MedianFilter(3), defenses.MedianFilter(2)]
+BASELINES = [baselines.NoDefense(), baselines.JpegDefense(50), baselines.BitDepthReduction(3),
+             baselines.MedianFilter(3), baselines.MedianFilter(2)]
 
 
 def _images(shape, seed=0):
@@ -41,7 +41,7 @@ def test_shapes_ranges_and_gradients(defense, channels):
     assert defense(images).shape == tf.function(defense)(images).shape
 
 
-@pytest.mark.parametrize("defense", [defenses.JpegDefense(50), defenses.BitDepthReduction(3)])
+@pytest.mark.parametrize("defense", [baselines.JpegDefense(50), baselines.BitDepthReduction(3)])
 def test_quantizers_pass_the_identity_gradient(defense):
     images = _images((2, 8, 8, 1))
     defended, gradient = _value_and_gradient(defense, images)
@@ -50,7 +50,7 @@ def test_quantizers_pass_the_identity_gradient(defense):
 
 
 def test_bit_depth_values_lie_on_the_levels():
-    defended = defenses.BitDepthReduction(2)(_images((2, 5, 5, 3))).numpy()
+    defended = baselines.BitDepthReduction(2)(_images((2, 5, 5, 3))).numpy()
     np.testing.assert_allclose(np.unique(np.round(defended * 3, 5)) % 1, 0.0, atol=1e-5)
     assert set(np.round(np.unique(defended) * 3).astype(int)) <= {0, 1, 2, 3}
 
@@ -58,14 +58,14 @@ def test_bit_depth_values_lie_on_the_levels():
 def test_median_matches_scipy_with_reflected_borders():
     images = _images((2, 7, 6, 3))
     expected = median_filter(images.numpy(), size=(1, 3, 3, 1), mode="mirror")
-    np.testing.assert_allclose(defenses.MedianFilter(3)(images).numpy(), expected, atol=1e-7)
+    np.testing.assert_allclose(baselines.MedianFilter(3)(images).numpy(), expected, atol=1e-7)
 
 
 def test_jpeg_stays_close_and_removes_detail():
     images = _images((2, 16, 16, 3))
     smooth = tf.image.resize(images, (4, 4))
     smooth = tf.image.resize(smooth, (16, 16))
-    jpeg = defenses.JpegDefense(20)
+    jpeg = baselines.JpegDefense(20)
     # Noise is what JPEG discards: the error on noise is larger than on a smooth image.
     assert float(tf.reduce_mean(tf.abs(jpeg(images) - images))) > \
         float(tf.reduce_mean(tf.abs(jpeg(smooth) - smooth)))
@@ -84,23 +84,23 @@ def test_defenses_round_trip_through_keras_files(defense, tmp_path):
 
 def test_make_defense_and_settings_validation():
     purifier = ComDefend(get_config("tiny", input_channels=1))
-    assert defenses.make_defense("comdefend", purifier=purifier) is purifier
-    assert defenses.make_defense("jpeg", jpeg_quality=30).quality == 30
-    assert defenses.make_defense("bit_depth", bit_depth=1).bits == 1
-    assert defenses.make_defense("median", median_size=2).size == 2
-    assert defenses.describe_defense("jpeg", defenses.JpegDefense(30)) == "jpeg(q=30)"
+    assert baselines.make_defense("comdefend", purifier=purifier) is purifier
+    assert baselines.make_defense("jpeg", jpeg_quality=30).quality == 30
+    assert baselines.make_defense("bit_depth", bit_depth=1).bits == 1
+    assert baselines.make_defense("median", median_size=2).size == 2
+    assert baselines.describe_defense("jpeg", baselines.JpegDefense(30)) == "jpeg(q=30)"
     with pytest.raises(ValueError, match="needs a trained ComDefend"):
-        defenses.make_defense("comdefend")
+        baselines.make_defense("comdefend")
     with pytest.raises(ValueError, match="unknown defense 'blur'"):
-        defenses.make_defense("blur")
-    for bad in (lambda: defenses.JpegDefense(0), lambda: defenses.BitDepthReduction(9),
-                lambda: defenses.MedianFilter(0)):
+        baselines.make_defense("blur")
+    for bad in (lambda: baselines.JpegDefense(0), lambda: baselines.BitDepthReduction(9),
+                lambda: baselines.MedianFilter(0)):
         with pytest.raises(ValueError):
             bad()
 
 
 def test_randomized_only_when_the_purifier_has_inference_noise():
     purifier = ComDefend(get_config("tiny", input_channels=1))
-    assert not defenses.is_randomized(purifier)
-    assert defenses.is_randomized(purifier.with_inference(noise_std=1.0))
-    assert not defenses.is_randomized(defenses.JpegDefense(50))
+    assert not baselines.is_randomized(purifier)
+    assert baselines.is_randomized(purifier.with_inference(noise_std=1.0))
+    assert not baselines.is_randomized(baselines.JpegDefense(50))

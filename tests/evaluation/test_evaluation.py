@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from comdefend_tf.evaluation import baselines as defenses_lib
-from comdefend_tf.evaluation import adaptive, checks, paper, report
+from comdefend_tf.evaluation import baselines
+from comdefend_tf.evaluation import adaptive, cascade, checks, paper, report
 from comdefend_tf.evaluation import threat_models as threat_models_lib
 from tests.fixtures import attack_models as attack_fixtures
 
@@ -24,7 +24,7 @@ def result():
     classifier, _ = attack_fixtures.tiny_classifier()
     purifier, _ = attack_fixtures.tiny_comdefend()
     images, labels = attack_fixtures.attack_batch()
-    defenses = {"comdefend": purifier, "bit_depth": defenses_lib.BitDepthReduction(2)}
+    defenses = {"comdefend": purifier, "bit_depth": baselines.BitDepthReduction(2)}
     return paper.evaluate(classifier, defenses, images[:16], labels[:16], ["fgsm", "pgd"],
                           [0.1, 0.3], threat_models=["oblivious", "bpda_eot", "bpda_identity"],
                           steps={"pgd": 8}, progress=False), purifier, classifier
@@ -112,7 +112,7 @@ def test_bpda_identity_gradient_is_the_classifiers_gradient_at_the_purified_imag
 
 def test_threat_models_apply_where_they_are_distinct():
     purifier = attack_fixtures.tiny_comdefend()[0]
-    jpeg, median = defenses_lib.JpegDefense(75), defenses_lib.MedianFilter(3)
+    jpeg, median = baselines.JpegDefense(75), baselines.MedianFilter(3)
     assert threat_models_lib.applies("white_box", "none", None)
     assert not threat_models_lib.applies("oblivious", "none", None)
     assert threat_models_lib.applies("bpda_identity", "median", median)
@@ -224,7 +224,7 @@ class _FixedAttacks:
                     labels[indices], classifier(batch), from_logits=True)
             step = size * np.sign(tape.gradient(loss, batch).numpy())
             return np.clip(images[indices] + step, 0.0, 1.0).astype(np.float32)
-        return [adaptive.CascadeAttack("bpda_eot", f"fgsm-{size}", 1, 1, 1,
+        return [cascade.CascadeAttack("bpda_eot", f"fgsm-{size}", 1, 1, 1,
                                        lambda indices, size=size: fgsm(indices, size))
                 for size in self.sizes]
 
@@ -236,7 +236,7 @@ def _run_cascade(per_attack_rows, sizes, defense="bit_depth"):
                                  threat_models=["bpda_eot"], ablation_steps=[],
                                  ablation_eot=[], per_attack_rows=per_attack_rows)
     evaluation = adaptive.Evaluation(
-        adaptive.Models(classifier, baselines={"bit_depth": defenses_lib.BitDepthReduction(3)}),
+        adaptive.Models(classifier, baselines={"bit_depth": baselines.BitDepthReduction(3)}),
         images, labels, protocol)
     evaluation.cascade = _FixedAttacks(evaluation, sizes)
     return evaluation.run()
@@ -244,22 +244,22 @@ def _run_cascade(per_attack_rows, sizes, defense="bit_depth"):
 
 def test_cascade_gives_the_same_worst_case_as_every_attack_on_every_example():
     sizes = (0.05, 0.12, 0.2)
-    cascade = _run_cascade(False, sizes)
+    cascaded = _run_cascade(False, sizes)
     full = _run_cascade(True, sizes)
-    (worst_cascade,), (worst_full,) = cascade["worst_case"], full["worst_case"]
+    (worst_cascade,), (worst_full,) = cascaded["worst_case"], full["worst_case"]
     assert worst_cascade["robust_examples"] == worst_full["robust_examples"]
     assert worst_cascade["robust_acc_strict"] == worst_full["robust_acc_strict"]
     assert worst_cascade["robust_acc_majority"] == worst_full["robust_acc_majority"]
     assert 0 < worst_full["robust_acc_strict"] < 1  # a fixture where attacks matter
     n = len(attack_fixtures.attack_batch()[0])
     assert [row["n"] for row in full["rows"]] == [n] * 3
-    ran_on = [row["n"] for row in cascade["rows"]]
+    ran_on = [row["n"] for row in cascaded["rows"]]
     assert ran_on[0] == n and ran_on[1] < n and ran_on == sorted(ran_on, reverse=True)
     # Full rows are each attack's own accuracy; the last cascade row's standing is the worst
     # case itself.
-    assert cascade["rows"][-1]["standing_strict"] == worst_cascade["robust_acc_strict"]
+    assert cascaded["rows"][-1]["standing_strict"] == worst_cascade["robust_acc_strict"]
     assert sum(worst_cascade["broken_first"].values()) == round(
-        n * (cascade["clean"]["bit_depth"]["strict_acc"] - worst_cascade["robust_acc_strict"]))
+        n * (cascaded["clean"]["bit_depth"]["strict_acc"] - worst_cascade["robust_acc_strict"]))
 
 
 def test_an_attack_leaving_its_ball_stops_the_protocol():

@@ -22,7 +22,8 @@ import tensorflow as tf
 
 from comdefend_tf import ComDefend, get_config, save_comdefend
 from comdefend_tf.training import classifier as classifiers
-from comdefend_tf.serving import signatures as serving
+from comdefend_tf.serving import export as serving_export
+from comdefend_tf.serving.settings import ExportSettings
 from tests.conftest import REPO_ROOT, subprocess_env
 
 SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
@@ -73,7 +74,8 @@ def test_binary_prints_the_export_path_and_next_commands(exported):
     assert (f"tensorflow_model_server --rest_api_port=8501 --model_name=comdefend "
             f"--model_base_path={base}") in stdout
     assert sorted(os.listdir(base)) == ["1"]  # no temporary folder left behind
-    with open(os.path.join(exported["version_dir"], serving.EXPORT_METADATA_FILENAME)) as handle:
+    metadata_path = os.path.join(exported["version_dir"], serving_export.EXPORT_METADATA_FILENAME)
+    with open(metadata_path) as handle:
         metadata = json.load(handle)
     assert metadata["serving_default"] == "classify"
     assert metadata["signatures"] == ["classify", "purify", "purify_bytes", "purify_examples"]
@@ -245,9 +247,9 @@ def test_versions_count_up_from_the_highest_numeric_folder(tmp_path):
     for name in ("1", "3", "notes", "7x", ".partial-9-abc"):
         (tmp_path / name).mkdir()
     (tmp_path / "12").write_text("a file, not a version")
-    assert serving.list_versions(str(tmp_path)) == [1, 3]
-    assert serving.next_version(str(tmp_path)) == 4
-    assert serving.next_version(str(tmp_path / "missing")) == 1
+    assert serving_export.list_versions(str(tmp_path)) == [1, 3]
+    assert serving_export.next_version(str(tmp_path)) == 4
+    assert serving_export.next_version(str(tmp_path / "missing")) == 1
 
 
 def test_a_crash_mid_write_leaves_no_version_behind(small_purifier, tmp_path, monkeypatch):
@@ -258,17 +260,17 @@ def test_a_crash_mid_write_leaves_no_version_behind(small_purifier, tmp_path, mo
             handle.write(b"\x08\x01 half a protobuf")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(serving, "_write_version", write_half_then_fail)
+    monkeypatch.setattr(serving_export, "_write_version", write_half_then_fail)
     with pytest.raises(OSError, match="No space left"):
-        serving.export_savedmodel(small_purifier, str(base), version=1)
+        serving_export.export_savedmodel(small_purifier, str(base), version=1)
     assert os.listdir(base) == []  # neither "1" nor the temporary folder
     monkeypatch.undo()
 
     # A hard kill leaves the hidden temporary folder; servers and numbering ignore it.
     (base / ".partial-1-killed").mkdir()
     (base / ".partial-1-killed" / "saved_model.pb").write_bytes(b"truncated")
-    noisy = serving.ExportSettings(inference_noise_std=3.0, noise_seed=5)
-    written = serving.export_savedmodel(small_purifier, str(base), settings=noisy)
+    noisy = ExportSettings(inference_noise_std=3.0, noise_seed=5)
+    written = serving_export.export_savedmodel(small_purifier, str(base), settings=noisy)
     assert written == str(base / "1")
     assert sorted(os.listdir(base)) == ["1"]  # the killed export's folder was removed
     # Seeded noise is still fresh per call after reload.
@@ -291,32 +293,32 @@ class _FakeArchive:
 
 def test_existing_versions_are_kept_unless_overwrite(small_purifier, tmp_path, monkeypatch):
     markers = iter(["first", "second", "replacement"])
-    monkeypatch.setattr(serving, "build_export_archive",
+    monkeypatch.setattr(serving_export, "build_export_archive",
                         lambda *args, **kwargs: _FakeArchive(next(markers)))
     base = str(tmp_path)
-    first = serving.export_savedmodel(small_purifier, base)
-    second = serving.export_savedmodel(small_purifier, base)
+    first = serving_export.export_savedmodel(small_purifier, base)
+    second = serving_export.export_savedmodel(small_purifier, base)
     assert (first, second) == (os.path.join(base, "1"), os.path.join(base, "2"))
     with pytest.raises(FileExistsError, match="overwrite"):
-        serving.export_savedmodel(small_purifier, base, version=1)
+        serving_export.export_savedmodel(small_purifier, base, version=1)
     with open(os.path.join(first, "saved_model.pb")) as handle:
         assert handle.read() == "first"
-    noisy = serving.ExportSettings(inference_noise_std=2.0)
-    replaced = serving.export_savedmodel(small_purifier, base, settings=noisy, version=1,
+    noisy = ExportSettings(inference_noise_std=2.0)
+    replaced = serving_export.export_savedmodel(small_purifier, base, settings=noisy, version=1,
                                          overwrite=True)
     assert replaced == first
     with open(os.path.join(first, "saved_model.pb")) as handle:
         assert handle.read() == "replacement"
-    with open(os.path.join(first, serving.EXPORT_METADATA_FILENAME)) as handle:
+    with open(os.path.join(first, serving_export.EXPORT_METADATA_FILENAME)) as handle:
         assert json.load(handle)["effective_inference_noise_std"] == 2.0
     assert sorted(os.listdir(base)) == ["1", "2"]  # the retired copy is gone
     with pytest.raises(ValueError, match="positive integer"):
-        serving.export_savedmodel(small_purifier, base, version=0)
+        serving_export.export_savedmodel(small_purifier, base, version=0)
 
 
 def test_stale_temporary_folders_of_dead_exports_are_removed(small_purifier, tmp_path,
                                                              monkeypatch):
-    monkeypatch.setattr(serving, "build_export_archive",
+    monkeypatch.setattr(serving_export, "build_export_archive",
                         lambda *args, **kwargs: _FakeArchive("new"))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -325,7 +327,7 @@ def test_stale_temporary_folders_of_dead_exports_are_removed(small_purifier, tmp
     retired = f".retired-2-pid{dead.pid}-x3"
     for name in (stale, live, retired, "3"):
         (tmp_path / name).mkdir()
-    serving.export_savedmodel(small_purifier, str(tmp_path))
+    serving_export.export_savedmodel(small_purifier, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == sorted([live, "3", "4"])
 
 
@@ -350,11 +352,11 @@ def noisy_exports(tmp_path_factory):
     """One tiny purifier exported with noise twice: without a seed and with ``noise_seed``."""
     root = tmp_path_factory.mktemp("noise")
     purifier = ComDefend(get_config("tiny", input_channels=1), seed=13)
-    unseeded = serving.export_savedmodel(
-        purifier, str(root / "unseeded"), settings=serving.ExportSettings(inference_noise_std=4.0))
-    seeded = serving.export_savedmodel(
+    unseeded = serving_export.export_savedmodel(
+        purifier, str(root / "unseeded"), settings=ExportSettings(inference_noise_std=4.0))
+    seeded = serving_export.export_savedmodel(
         purifier, str(root / "seeded"),
-        settings=serving.ExportSettings(inference_noise_std=4.0, noise_seed=1234))
+        settings=ExportSettings(inference_noise_std=4.0, noise_seed=1234))
     images = np.random.RandomState(5).rand(2, 12, 12, 1).astype(np.float32)
     np.save(root / "images.npy", images)
     (root / "draw.py").write_text(NOISE_SCRIPT)
@@ -411,7 +413,8 @@ def test_no_saved_variable_decides_the_served_noise(noisy_exports):
     assert {node.attr["seed"].i for node in seeded} == {1234}
     # Each signature draws its own stream (seed2), so purify and classify never share one.
     assert len({node.attr["seed2"].i for node in seeded}) >= 2
-    with open(os.path.join(noisy_exports["unseeded"], serving.EXPORT_METADATA_FILENAME)) as f:
+    metadata_path = os.path.join(noisy_exports["unseeded"], serving_export.EXPORT_METADATA_FILENAME)
+    with open(metadata_path) as f:
         assert json.load(f)["noise_source"] == "os_entropy_per_process"
 
 

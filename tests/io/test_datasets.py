@@ -212,82 +212,46 @@ def test_bad_tfrecord_sources_fail_clearly(tmp_path):
         data.load_dataset(f"tfrecord:{tmp_path}/half.tfrecord")
 
 
-# ------------------------------------------------------------ in-graph example decoding
-def _decode_in_graph(serialized, channels=1, max_pixels=10_000):
-    import tensorflow as tf
-
-    decode = tf.function(lambda record: data.decode_example_image(record, channels, max_pixels),
-                         input_signature=[tf.TensorSpec([], tf.string)])
-    return decode(tf.constant(serialized)).numpy()
-
-
-def test_decode_example_image_gives_the_pixels():
-    import io
-
-    pixels = np.random.default_rng(2).integers(0, 256, (9, 13), dtype=np.uint8)
-    np.testing.assert_array_equal(_decode_in_graph(_example(_png_bytes(pixels), 3))[..., 0],
-                                  pixels)
-    rgb = _decode_in_graph(_example(_png_bytes(pixels)), channels=3)
-    assert rgb.shape == (9, 13, 3) and (rgb == pixels[..., None]).all()
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
-    jpeg = _decode_in_graph(_example(buffer.getvalue()))
-    assert jpeg.shape == (9, 13, 1) and np.abs(jpeg[..., 0].astype(int) - pixels).mean() < 8
+# ------------------------------------------------------- folders use the one lister and reader
+def test_folder_refuses_links_out_of_the_class_folder_and_fifos(tmp_path):
+    root = tmp_path / "data"
+    _write_folder(root, [(4, 4)] * 4)
+    outside = tmp_path / "secret.png"
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(outside)
+    os.symlink(outside, root / "class0" / "escape.png")
+    with pytest.raises(data.DataError, match=r"escape\.png.*outside the input folder"):
+        data.list_image_folder(str(root))
+    os.remove(root / "class0" / "escape.png")
+    os.mkfifo(root / "class1" / "pipe.png")
+    with pytest.raises(data.DataError, match=r"pipe\.png.*not a regular file"):
+        data.load_dataset(f"folder:{root}")
+    os.remove(root / "class1" / "pipe.png")
+    # A linked class folder is still one class: its files lie inside it.
+    os.symlink(root / "class1", tmp_path / "linked")
+    os.rename(tmp_path / "linked", root / "class2")
+    files, labels, names = data.list_image_folder(str(root))
+    assert names == ["class0", "class1", "class2"] and labels.tolist() == [0, 0, 1, 1, 2, 2]
 
 
-def test_decode_example_image_refuses_before_decoding():
-    import io
-
-    import tensorflow as tf
-
-    with pytest.raises(tf.errors.InvalidArgumentError, match="no image/encoded feature"):
-        _decode_in_graph(tf.train.Example().SerializeToString())
-    with pytest.raises(tf.errors.InvalidArgumentError, match="PNG or JPEG"):
-        _decode_in_graph(_example(b"GIF89a" + b"\0" * 30))
-    big = _png_bytes(np.zeros((120, 100), np.uint8))
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"max_pixels.*\[120 100\]"):
-        _decode_in_graph(_example(big))
-    buffer = io.BytesIO()
-    Image.fromarray(np.zeros((120, 100), np.uint8)).save(buffer, format="JPEG")
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"max_pixels.*\[120 100\]"):
-        _decode_in_graph(_example(buffer.getvalue()))
-    # A PNG header claiming 100000 x 100000 pixels is refused from the header alone: the
-    # decoder would otherwise try to allocate 10 GB.
-    bomb = bytearray(big)
-    bomb[16:24] = (100_000).to_bytes(4, "big") * 2
-    with pytest.raises(tf.errors.InvalidArgumentError, match="max_pixels"):
-        _decode_in_graph(_example(bytes(bomb)), max_pixels=10**9)
+def test_folder_file_count_is_capped(tmp_path):
+    _write_folder(tmp_path, [(4, 4)] * 5)
+    assert len(data.list_image_folder(str(tmp_path), max_files=5)[0]) == 5
+    with pytest.raises(data.DataError, match="more than 4 image files"):
+        data.list_image_folder(str(tmp_path), max_files=4)
 
 
-def test_example_decoder_composes_with_the_serving_core():
-    """The planned ``purify_examples`` signature (decode_example_image -> validate_images ->
-    purify_core -> PNG) gives the bytes ``purify_bytes`` gives for the same image."""
-    import tensorflow as tf
-
-    from comdefend_tf import ComDefend, get_config
-    from comdefend_tf.serving import signatures as serving
-
-    purifier = ComDefend(get_config("tiny", input_channels=1), seed=0)
-    functions = serving.build_serving_functions(purifier)
-    settings = serving.ExportSettings()
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
-    def purify_examples(examples):
-        def purify_one(serialized):
-            image = data.decode_example_image(serialized, 1, settings.max_pixels)
-            image = serving.validate_images(tf.cast(image, tf.float32)[None] / 255.0, 1,
-                                            settings.max_pixels)
-            purified = functions.purify_core(image)["purified"][0]
-            return tf.io.encode_png(tf.cast(tf.round(tf.clip_by_value(purified, 0.0, 1.0)
-                                                     * 255.0), tf.uint8))
-
-        return {"purified_png_bytes": tf.map_fn(purify_one, examples,
-                                                fn_output_signature=tf.string)}
-
-    rng = np.random.default_rng(3)
-    encoded = [_png_bytes(rng.integers(0, 256, size, dtype=np.uint8))
-               for size in [(12, 9), (7, 20)]]
-    from_examples = purify_examples(tf.constant([_example(e, 1) for e in encoded]))
-    from_bytes = functions.signatures[serving.SIGNATURE_PURIFY_BYTES](tf.constant(encoded))
-    assert (from_examples["purified_png_bytes"].numpy().tolist()
-            == from_bytes["purified_png_bytes"].numpy().tolist())
+def test_folder_images_are_recognised_by_content_and_header(tmp_path):
+    _write_folder(tmp_path, [(6, 6)] * 2)
+    rgba = np.zeros((6, 6, 4), np.uint8)
+    Image.fromarray(rgba).save(tmp_path / "class0" / "alpha.png")
+    assert data.inspect_image_file(str(tmp_path / "class0" / "alpha.png")) == (6, 6, 4)
+    with pytest.raises(data.DataError, match="alpha.png' has 4 channels"):
+        data.load_dataset(f"folder:{tmp_path}")
+    _check(data.load_dataset(f"folder:{tmp_path}", color_mode="rgb", holdout_fraction=0.34),
+           (6, 6, 3), 2, count=2)
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / "class1" / "x.png",
+                                                        format="GIF")
+    with pytest.raises(data.DataError, match=r"x\.png.*GIF data, not PNG or JPEG"):
+        data.inspect_image_file(str(tmp_path / "class1" / "x.png"))
+    with pytest.raises(data.DataError, match=r"alpha\.png' declares 6x6 = 36 pixels.*limit of 35"):
+        data.inspect_image_file(str(tmp_path / "class0" / "alpha.png"), max_pixels=35)

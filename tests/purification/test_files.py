@@ -11,7 +11,6 @@ import struct
 import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,11 +18,12 @@ from PIL import Image
 
 from comdefend_tf import ComDefend, get_config, load_comdefend, save_comdefend
 from comdefend_tf.io import images as image_io
-from comdefend_tf.weights import importer as reference
+from comdefend_tf.weights import parity
 from comdefend_tf.purification import files as purify_files
+from comdefend_tf.purification import plan
 from comdefend_tf.patches import exact_tiling, receptive_field_radius, whole_image_pixel_budget
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO_ROOT, subprocess_env  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -72,32 +72,32 @@ def bomb_png() -> bytes:
 
 
 def _run_cli(*flags):
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run([sys.executable, "-m", "export.purify_images", *flags],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
 
 
 # ------------------------------------------------------------------------- output planning
 def test_plan_maps_names_to_png_in_output_dir(tmp_path, photos):
     folder, _ = photos
-    inputs = image_io.list_images(str(folder)).paths
-    pairs = purify_files.plan_outputs(inputs, str(tmp_path / "out"))
+    inputs = plan.list_files(str(folder)).paths
+    pairs = plan.plan_outputs(inputs, str(tmp_path / "out"))
     assert [os.path.basename(t) for _, t in pairs] == ["a.png", "b.png", "c.png"]
 
 
 def test_plan_refuses_the_input_folder(photos):
     folder, _ = photos
-    inputs = image_io.list_images(str(folder)).paths
-    with pytest.raises(purify_files.OutputPlanError, match="never written into an input"):
-        purify_files.plan_outputs(inputs, str(folder))
-    with pytest.raises(purify_files.OutputPlanError):
-        purify_files.plan_outputs(inputs, str(folder) + "/./")
+    inputs = plan.list_files(str(folder)).paths
+    with pytest.raises(plan.OutputPlanError, match="never written into an input"):
+        plan.plan_outputs(inputs, str(folder))
+    with pytest.raises(plan.OutputPlanError):
+        plan.plan_outputs(inputs, str(folder) + "/./")
 
 
 def test_plan_refuses_name_collisions(tmp_path):
     paths = [str(tmp_path / "x" / "cat.jpg"), str(tmp_path / "y" / "cat.png")]
-    with pytest.raises(purify_files.OutputPlanError, match="both be written"):
-        purify_files.plan_outputs(paths, str(tmp_path / "out"))
+    with pytest.raises(plan.OutputPlanError, match="both be written"):
+        plan.plan_outputs(paths, str(tmp_path / "out"))
 
 
 def test_plan_never_writes_over_an_input_through_a_link(tmp_path, photos):
@@ -105,9 +105,9 @@ def test_plan_never_writes_over_an_input_through_a_link(tmp_path, photos):
     out = tmp_path / "out"
     out.mkdir()
     os.symlink(folder / "a.png", out / "a.png")
-    inputs = image_io.list_images(str(folder)).paths
-    with pytest.raises(purify_files.OutputPlanError, match="is an input file"):
-        purify_files.plan_outputs(inputs, str(out), overwrite=True)
+    inputs = plan.list_files(str(folder)).paths
+    with pytest.raises(plan.OutputPlanError, match="is an input file"):
+        plan.plan_outputs(inputs, str(out), overwrite=True)
 
 
 def test_plan_counts_a_dangling_link_as_an_existing_output(tmp_path, photos):
@@ -115,8 +115,8 @@ def test_plan_counts_a_dangling_link_as_an_existing_output(tmp_path, photos):
     out = tmp_path / "out"
     out.mkdir()
     os.symlink(tmp_path / "nowhere", out / "c.png")
-    with pytest.raises(purify_files.OutputPlanError, match="already exist"):
-        purify_files.plan_outputs([str(folder / "c.png")], str(out))
+    with pytest.raises(plan.OutputPlanError, match="already exist"):
+        plan.plan_outputs([str(folder / "c.png")], str(out))
 
 
 def test_plan_refuses_existing_outputs_unless_overwrite(tmp_path, photos):
@@ -124,10 +124,10 @@ def test_plan_refuses_existing_outputs_unless_overwrite(tmp_path, photos):
     out = tmp_path / "out"
     out.mkdir()
     (out / "b.png").write_bytes(b"keep me")
-    inputs = image_io.list_images(str(folder)).paths
-    with pytest.raises(purify_files.OutputPlanError, match="--overwrite"):
-        purify_files.plan_outputs(inputs, str(out))
-    assert len(purify_files.plan_outputs(inputs, str(out), overwrite=True)) == 3
+    inputs = plan.list_files(str(folder)).paths
+    with pytest.raises(plan.OutputPlanError, match="--overwrite"):
+        plan.plan_outputs(inputs, str(out))
+    assert len(plan.plan_outputs(inputs, str(out), overwrite=True)) == 3
 
 
 # ------------------------------------------------------------------------------ purifying
@@ -214,7 +214,7 @@ def test_bfloat16_model_purifies_close_to_float32(model):
 
 def test_purify_files_writes_rounded_pngs_and_reports_psnr(tmp_path, model, photos):
     folder, pixels = photos
-    pairs = purify_files.plan_outputs(image_io.list_images(str(folder)).paths, str(tmp_path / "o"))
+    pairs = plan.plan_outputs(plan.list_files(str(folder)).paths, str(tmp_path / "o"))
     os.makedirs(tmp_path / "o")
     summary = purify_files.purify_files(model, pairs, progress=False)
     assert summary.failures == [] and len(summary.written) == 3
@@ -237,7 +237,7 @@ def test_hostile_files_are_named_skipped_and_counted(tmp_path, model, photos):
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     out = tmp_path / "o"
     out.mkdir()
-    pairs = purify_files.plan_outputs(image_io.list_images(str(folder)).paths, str(out))
+    pairs = plan.plan_outputs(plan.list_files(str(folder)).paths, str(out))
     messages = []
     summary = purify_files.purify_files(model, pairs, progress=False, on_error=messages.append,
                                         max_file_bytes=10_000)
@@ -271,10 +271,10 @@ def test_purify_files_counts_automatic_tiling_and_applies_exif(tmp_path, model):
 def test_truncation_reproduces_the_release_conversion(tmp_path, model, photos):
     folder, _ = photos
     pairs = [(str(folder / "a.png"), str(tmp_path / "a.png"))]
-    purify_files.purify_files(model, pairs, to_uint8=reference.truncate_to_uint8,
+    purify_files.purify_files(model, pairs, to_uint8=parity.truncate_to_uint8,
                                progress=False)
     image = image_io.read_image(str(folder / "a.png"))
-    expected = reference.truncate_to_uint8(np.asarray(model(image[None]))[0])
+    expected = parity.truncate_to_uint8(np.asarray(model(image[None]))[0])
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), expected)
 
 

@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from comdefend_tf import ComDefend, get_config
 from comdefend_tf.serving import client
-from comdefend_tf.serving import signatures as serving
+from comdefend_tf.serving.export import export_savedmodel
 from tests.conftest import REPO_ROOT, subprocess_env
 
 IMAGE_SHAPE = (8, 8, 1)
@@ -35,7 +35,7 @@ def served(tmp_path_factory):
     purifier = ComDefend(get_config("tiny", input_channels=1), seed=21)
     classifier = keras.Sequential([keras.Input(IMAGE_SHAPE), keras.layers.Flatten(),
                                    keras.layers.Dense(3)])
-    version_dir = serving.export_savedmodel(purifier, str(base), classifier=classifier)
+    version_dir = export_savedmodel(purifier, str(base), classifier=classifier)
     return tf.saved_model.load(version_dir), purifier, classifier
 
 

@@ -6,7 +6,10 @@ import tensorflow as tf
 import keras
 
 from comdefend_tf import ComDefend, get_config, patches
-from comdefend_tf.serving import signatures as serving
+from comdefend_tf.io import graph_headers
+from comdefend_tf.serving import tiling
+from comdefend_tf.serving.settings import ExportSettings
+from comdefend_tf.serving.signatures import ComDefendServing, build_serving_functions
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +20,7 @@ def rgb_purifier():
 @pytest.fixture(scope="module")
 def rgb_signatures(rgb_purifier):
     """Signatures with a small pixel limit, shared by the validation tests (tracing is slow)."""
-    return serving.build_serving_functions(
-        rgb_purifier, settings=serving.ExportSettings(max_pixels=3000)).signatures
+    return ComDefendServing(rgb_purifier, settings=ExportSettings(max_pixels=3000)).signatures
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +33,7 @@ def _images(shape, seed=0):
 
 
 def _signatures(purifier, classifier=None, **settings):
-    return serving.build_serving_functions(purifier, classifier,
-                                           serving.ExportSettings(**settings)).signatures
+    return ComDefendServing(purifier, classifier, ExportSettings(**settings)).signatures
 
 
 def _error_message(call):
@@ -170,6 +171,19 @@ def test_classify_is_classifier_after_purify(gray_purifier, softmax):
     np.testing.assert_array_equal(outputs["class_ids"].numpy(), expected.argmax(axis=1))
 
 
+def test_serving_default_is_an_alias_not_a_code_path(gray_purifier):
+    plain = build_serving_functions(gray_purifier)
+    assert isinstance(plain, ComDefendServing)
+    assert plain.serving_default is plain.purify and plain.classify is None
+    assert list(plain.signatures) == ["purify", "purify_bytes", "purify_examples"]
+    composed = ComDefendServing(gray_purifier, _tiny_classifier(True))
+    assert composed.serving_default is composed.classify
+    assert list(composed.signatures) == ["classify", "purify", "purify_bytes",
+                                         "purify_examples"]
+    assert all(composed.signatures[name] is getattr(composed, name)
+               for name in composed.signatures)
+
+
 def test_classify_refuses_sizes_the_classifier_cannot_take(gray_purifier):
     classify = _signatures(gray_purifier, _tiny_classifier(False))["classify"]
     assert "expects 8x8 images" in _error_message(lambda: classify(_images((1, 9, 8, 1))))
@@ -179,16 +193,16 @@ def test_a_classifier_for_other_channels_is_refused_at_export(gray_purifier):
     rgb_classifier = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
                                        keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="3-channel images but the purifier produces 1"):
-        serving.build_serving_functions(gray_purifier, rgb_classifier)
+        ComDefendServing(gray_purifier, rgb_classifier)
 
 
 def test_settings_are_validated():
     with pytest.raises(ValueError, match="patch_size"):
-        serving.ExportSettings(patch_size=0)
+        ExportSettings(patch_size=0)
     with pytest.raises(ValueError, match="inference_noise_std"):
-        serving.ExportSettings(inference_noise_std=-1.0)
+        ExportSettings(inference_noise_std=-1.0)
     with pytest.raises(ValueError, match="classifier_outputs"):
-        serving.ExportSettings(classifier_outputs="scores")
+        ExportSettings(classifier_outputs="scores")
 
 
 # ------------------------------------------------ declared sizes, per-request limits, work
@@ -264,7 +278,7 @@ def test_the_batch_length_is_capped_in_every_signature(gray_purifier):
 
 
 def test_millions_of_tiny_images_are_refused_at_once_by_default(rgb_signatures):
-    assert serving.ExportSettings().max_batch_size == 1024
+    assert ExportSettings().max_batch_size == 1024
     message = _error_message(lambda: rgb_signatures["purify"](tf.zeros([2_000_000, 1, 1, 3])))
     assert "too many images" in message
 
@@ -280,8 +294,8 @@ def test_windows_are_chunked_by_pixels_not_by_count():
         return purify_patchwise_graph(identity, images, patch_size, overlap, chunk_pixels,
                                       {"purified": (tf.float32, 1)})["purified"]
 
-    purify_patchwise_graph = serving.purify_patchwise_graph
-    chunk_pixels = serving.chunk_pixels_for(4, 2, 1)  # one 8x8 window = 64 pixels
+    purify_patchwise_graph = tiling.purify_patchwise_graph
+    chunk_pixels = tiling.chunk_pixels_for(4, 2, 1)  # one 8x8 window = 64 pixels
     tiny = _images((1000, 1, 1, 1))
     np.testing.assert_array_equal(run(tiny, 4, 2, chunk_pixels).numpy(), tiny)
     assert int(calls.numpy()) == 16  # 1000 1x1 windows, 64 per call (not 1000 calls)
@@ -324,16 +338,16 @@ def test_classify_runs_the_classifier_in_chunks_with_unchunked_results(gray_puri
 # ----------------------------------------------------------------------- 16-bit PNG values
 def test_png_is_read_at_full_precision_and_8_bit_exactly_as_x_over_255():
     values16 = np.arange(0, 65536, 4099, dtype=np.uint16).reshape(4, 4, 1)
-    decoded = serving.decode_image_bytes(tf.io.encode_png(values16), 1).numpy()
+    decoded = graph_headers.decode_image_bytes(tf.io.encode_png(values16), 1).numpy()
     np.testing.assert_array_equal(decoded, values16.astype(np.float32) / np.float32(65535))
     assert len(np.unique(decoded)) == 16  # not collapsed to 8 bits
     values8 = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
-    decoded8 = serving.decode_image_bytes(tf.io.encode_png(values8), 1).numpy()
+    decoded8 = graph_headers.decode_image_bytes(tf.io.encode_png(values8), 1).numpy()
     # TF widens 8-bit to 16-bit as x * 257, and 257 x / 65535 == x / 255: bit-identical.
     np.testing.assert_array_equal(decoded8, values8.astype(np.float32) / np.float32(255))
     rgb = np.random.RandomState(3).randint(0, 256, (5, 6, 3)).astype(np.uint8)
     jpeg = tf.io.encode_jpeg(rgb).numpy()
-    np.testing.assert_array_equal(serving.decode_image_bytes(jpeg, 3).numpy(),
+    np.testing.assert_array_equal(graph_headers.decode_image_bytes(jpeg, 3).numpy(),
                                   tf.io.decode_jpeg(jpeg).numpy().astype(np.float32) / 255)
 
 
@@ -344,7 +358,7 @@ def test_16_bit_grey_png_reads_the_same_in_serving_and_image_io(tmp_path):
     path = tmp_path / "deep.png"
     path.write_bytes(tf.io.encode_png(values16).numpy())
     np.testing.assert_array_equal(image_io.read_image(str(path), 1),
-                                  serving.decode_image_bytes(path.read_bytes(), 1).numpy())
+                                  graph_headers.decode_image_bytes(path.read_bytes(), 1).numpy())
 
 
 def test_purify_bytes_feeds_16_bit_precision_to_the_network(gray_purifier):

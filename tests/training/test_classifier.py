@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 
 from comdefend_tf.training import classifier as classifiers
-from comdefend_tf.training import purifier as training
+from comdefend_tf.training import run_state
+from comdefend_tf.training.purifier import train_comdefend
 from tests.fixtures import attack_models as attack_fixtures
 
 
@@ -132,11 +133,11 @@ def test_classifier_training_resumes_mid_epoch_and_refuses_nan(tmp_path):
         kernel = model.trainable_variables[0]
         kernel.assign(np.full(kernel.shape, np.nan, np.float32))
 
-    with pytest.raises(training.NonFiniteTraining, match="step 12"):
+    with pytest.raises(run_state.NonFiniteTraining, match="step 12"):
         classifiers.train_classifier(digits, model_dir, extra_callbacks=[_KillAfter(11, poison)],
                                      **dict(settings, epochs=3))
     assert open(os.path.join(model_dir, classifiers.KERAS_FILENAME), "rb").read() == before
-    assert tf.train.latest_checkpoint(os.path.join(model_dir, training.BACKUP_SUBDIR)).endswith(
+    assert tf.train.latest_checkpoint(os.path.join(model_dir, run_state.BACKUP_SUBDIR)).endswith(
         "ckpt-10")
 
 
@@ -145,7 +146,8 @@ MIRRORED_BEHIND_PURIFIER_SCRIPT = """
 import json, sys, numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from comdefend_tf import classifiers, data, provenance
+from comdefend_tf.io import datasets as data
+from comdefend_tf.training import classifier as classifiers, provenance
 from comdefend_tf.model import load_comdefend
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 _, metrics = classifiers.train_classifier(
@@ -168,9 +170,9 @@ def coarse_purifier(tmp_path_factory):
     model_dir = str(tmp_path_factory.mktemp("coarse_purifier"))
     config = get_config("tiny", input_channels=1, code_channels=1, train_noise_std=5.0,
                         inference_noise_std=1.0)
-    purifier, _ = training.train_comdefend(config, attack_fixtures.digits(), model_dir, epochs=1,
-                                           steps_per_epoch=200, batch_size=20, seed=0, verbose=0,
-                                           collapse_margin_db=None)
+    purifier, _ = train_comdefend(config, attack_fixtures.digits(), model_dir, epochs=1,
+                                  steps_per_epoch=200, batch_size=20, seed=0, verbose=0,
+                                  collapse_margin_db=None)
     return purifier, model_dir
 
 
@@ -253,7 +255,7 @@ def test_the_frozen_purifier_is_not_trainable_and_resume_replays_its_noise(tmp_p
 
     save_comdefend(ComDefend(get_config("tiny", input_channels=1, code_channels=1), seed=9),
                    other_dir)
-    with pytest.raises(training.TrainingError, match="purifier"):
+    with pytest.raises(run_state.TrainingError, match="purifier"):
         classifiers.train_classifier(digits, model_dir, **dict(settings, epochs=3,
                                                                purifier_dir=other_dir))
 

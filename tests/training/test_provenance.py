@@ -140,17 +140,18 @@ def test_an_evaluations_compositions_are_all_checked(purifier_dir, tmp_path):
 
 def test_export_metadata_names_the_mode_and_warns_on_another_purifier(purifier_dir, tmp_path):
     from comdefend_tf.training import classifier as classifiers
-    from comdefend_tf.serving import signatures as serving
+    from comdefend_tf.serving import export as serving_export
+    from comdefend_tf.serving.settings import ExportSettings
 
     purifier = load_comdefend(purifier_dir)
     classifier = classifiers.build_classifier((8, 8, 1), 10, seed=0)
     record = provenance.purifier_record(purifier, purifier_dir)
-    settings = serving.ExportSettings()
+    settings = ExportSettings()
     with warnings.catch_warnings():
         warnings.simplefilter("error", provenance.PurifierMismatchWarning)
-        matching = serving.export_metadata(purifier, classifier, settings, 1, record)
-        clean = serving.export_metadata(purifier, classifier, settings, 1, None)
-        alone = serving.export_metadata(purifier, None, settings, 1, None)
+        matching = serving_export.export_metadata(purifier, classifier, settings, 1, record)
+        clean = serving_export.export_metadata(purifier, classifier, settings, 1, None)
+        alone = serving_export.export_metadata(purifier, None, settings, 1, None)
     assert matching["defense_mode"] == "train_and_test_time"
     assert matching["classifier_trained_behind_purifier"] == record
     assert matching["purifier_fingerprint"] == record["fingerprint"]
@@ -158,10 +159,10 @@ def test_export_metadata_names_the_mode_and_warns_on_another_purifier(purifier_d
     assert matching["provenance_warnings"] == [] == clean["provenance_warnings"]
     other = ComDefend(get_config("tiny", input_channels=1), seed=11)
     with pytest.warns(provenance.PurifierMismatchWarning, match="whose weights differ"):
-        version_dir = serving.export_savedmodel(other, str(tmp_path / "export"), classifier,
-                                                classifier_record=record,
-                                                purifier_path="runs/other")
-    with open(os.path.join(version_dir, serving.EXPORT_METADATA_FILENAME)) as handle:
+        version_dir = serving_export.export_savedmodel(other, str(tmp_path / "export"), classifier,
+                                                       classifier_record=record,
+                                                       purifier_path="runs/other")
+    with open(os.path.join(version_dir, serving_export.EXPORT_METADATA_FILENAME)) as handle:
         metadata = json.load(handle)
     assert metadata["defense_mode"] == "train_and_test_time"
     assert len(metadata["provenance_warnings"]) == 1

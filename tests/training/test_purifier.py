@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from comdefend_tf.io import datasets as data
-from comdefend_tf.training import purifier as training
+from comdefend_tf.training import purifier, run_state
 from comdefend_tf.config import get_config
 from comdefend_tf.model import ComDefend, load_comdefend, save_comdefend
 from tests.conftest import REPO_ROOT, subprocess_env
@@ -45,14 +45,14 @@ def test_killed_run_resumes_at_the_epoch_it_stopped(tmp_path, digits):
     model_dir = str(tmp_path / "run")
     first = _EpochRecorder(crash_at=2)
     with pytest.raises(_Crash):
-        training.train_comdefend(config, digits, model_dir, epochs=4, batch_size=32,
+        purifier.train_comdefend(config, digits, model_dir, epochs=4, batch_size=32,
                                  steps_per_epoch=3, verbose=0, extra_callbacks=[first],
                                  collapse_margin_db=None)
     assert first.epochs == [0, 1]
-    assert os.path.isdir(os.path.join(model_dir, training.BACKUP_SUBDIR))
+    assert os.path.isdir(os.path.join(model_dir, run_state.BACKUP_SUBDIR))
     assert not os.path.exists(os.path.join(model_dir, "comdefend.keras"))
     second = _EpochRecorder()
-    _, metrics = training.train_comdefend(config, digits, model_dir, epochs=4, batch_size=32,
+    _, metrics = purifier.train_comdefend(config, digits, model_dir, epochs=4, batch_size=32,
                                           steps_per_epoch=3, verbose=0,
                                           extra_callbacks=[second], collapse_margin_db=None)
     assert second.epochs == [2, 3]  # epochs 0 and 1 were not lost
@@ -64,7 +64,7 @@ def test_killed_run_resumes_at_the_epoch_it_stopped(tmp_path, digits):
 
 def test_channel_mismatch_is_explained(tmp_path, digits):
     with pytest.raises(ValueError, match="input_channels=1"):
-        training.train_comdefend(get_config("tiny"), digits, str(tmp_path))
+        purifier.train_comdefend(get_config("tiny"), digits, str(tmp_path))
 
 
 def test_train_binary_writes_model_and_reports_psnr(tmp_path):
@@ -80,7 +80,7 @@ def test_train_binary_writes_model_and_reports_psnr(tmp_path):
     assert 5.0 < metrics["held_out"]["psnr_db"] < 60.0
     assert metrics["verdict"] == "ok"
     assert metrics["held_out"]["psnr_db"] > metrics["mean_image_psnr_db"] + 1.0
-    progress = json.loads((model_dir / training.PROGRESS_FILENAME).read_text())
+    progress = json.loads((model_dir / run_state.PROGRESS_FILENAME).read_text())
     assert progress["state"] == "done" and progress["step"] == progress["total_steps"] == 100
     assert len(metrics["history"]["val_psnr"]) == 2
     assert json.loads((model_dir / "config.json").read_text())["train_noise_std"] == 1.0
@@ -105,10 +105,11 @@ MIRRORED_SCRIPT = """
 import json, sys, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from comdefend_tf import data, training
+from comdefend_tf.io import datasets as data
+from comdefend_tf.training import purifier
 from comdefend_tf.config import get_config
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-_, metrics = training.train_comdefend(get_config("tiny", input_channels=1), data.load_dataset(
+_, metrics = purifier.train_comdefend(get_config("tiny", input_channels=1), data.load_dataset(
     "digits"), sys.argv[1], epochs=1, batch_size=16, steps_per_epoch=4, strategy=strategy,
     verbose=0, collapse_margin_db=None)
 print(json.dumps({"replicas": metrics["replicas"], "loss": metrics["history"]["loss"]}))
@@ -168,7 +169,7 @@ def test_multi_worker_strategy_with_two_processes(tmp_path):
     outputs = _run_workers(model_dir, "--epochs=4")
     for process, (_, stderr) in zip(*outputs):
         assert process.returncode == 0, stderr[-3000:]
-    progress = json.loads((model_dir / training.PROGRESS_FILENAME).read_text())
+    progress = json.loads((model_dir / run_state.PROGRESS_FILENAME).read_text())
     assert progress["resumed_from_step"] == 6 and progress["step"] == 12
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert metrics["history"]["epoch"] == [0, 1, 2, 3] and metrics["steps"] == 12
@@ -177,7 +178,7 @@ def test_multi_worker_strategy_with_two_processes(tmp_path):
 
 def _assert_workers_agree(model_dir, step):
     """Both workers' last checkpoints are of ``step`` and hold identical variables."""
-    chief_path = tf.train.latest_checkpoint(str(model_dir / training.BACKUP_SUBDIR))
+    chief_path = tf.train.latest_checkpoint(str(model_dir / run_state.BACKUP_SUBDIR))
     other_path = tf.train.latest_checkpoint(str(model_dir / ".worker1"))
     assert chief_path.endswith(f"ckpt-{step}") and other_path.endswith(f"ckpt-{step}")
     chief, other = tf.train.load_checkpoint(chief_path), tf.train.load_checkpoint(other_path)
@@ -228,7 +229,7 @@ def _weights(model):
 
 
 def _progress(model_dir):
-    with open(os.path.join(model_dir, training.PROGRESS_FILENAME)) as handle:
+    with open(os.path.join(model_dir, run_state.PROGRESS_FILENAME)) as handle:
         return json.load(handle)
 
 
@@ -236,7 +237,7 @@ def _progress(model_dir):
 def uninterrupted(tmp_path_factory, digits):
     """The tiny reference run (12 steps, checkpoints at 4, 6, 8, 12): its final weights."""
     model_dir = str(tmp_path_factory.mktemp("uninterrupted"))
-    model, _ = training.train_comdefend(_tiny_config(), digits, model_dir, **TINY)
+    model, _ = purifier.train_comdefend(_tiny_config(), digits, model_dir, **TINY)
     return _weights(model)
 
 
@@ -245,12 +246,12 @@ def test_killed_mid_epoch_resumes_at_the_checkpointed_step_and_matches(tmp_path,
     model_dir = str(tmp_path / "run")
     killed = _StepRecorder(crash_after=11)  # epoch 1, step 5 of 6; last checkpoint: step 8
     with pytest.raises(_Crash):
-        training.train_comdefend(_tiny_config(), digits, model_dir, extra_callbacks=[killed],
+        purifier.train_comdefend(_tiny_config(), digits, model_dir, extra_callbacks=[killed],
                                  **TINY)
     assert killed.steps == list(range(1, 12))
     assert _progress(model_dir)["step"] == 11 and _progress(model_dir)["checkpoint_step"] == 8
     resumed = _StepRecorder()
-    model, metrics = training.train_comdefend(_tiny_config(), digits, model_dir,
+    model, metrics = purifier.train_comdefend(_tiny_config(), digits, model_dir,
                                               extra_callbacks=[resumed], **TINY)
     assert resumed.steps == [9, 10, 11, 12]  # from the checkpoint, not the epoch start (7)
     assert _progress(model_dir)["resumed_from_step"] == 8
@@ -260,29 +261,13 @@ def test_killed_mid_epoch_resumes_at_the_checkpointed_step_and_matches(tmp_path,
     assert metrics["steps"] == 12 and metrics["history"]["epoch"] == [0, 1]
 
 
-def test_training_stream_from_any_step_continues_the_full_stream(digits):
-    images = digits.train.take(100)  # 6 batches of 16 per pass
-    for total in (15, 200):  # 3 chained passes; 34 passes (one reshuffled repetition)
-        full = list(training.training_stream(images, 16, 3, 0, total, 6, images_only=True))
-        assert len(full) == total
-        assert not np.array_equal(full[0], full[6])  # each pass has its own order
-        for start in (5, 6, 13):
-            tail = list(training.training_stream(images, 16, 3, start, total, 6,
-                                                 images_only=True))
-            assert len(tail) == total - start
-            for got, want in zip(tail, full[start:]):
-                np.testing.assert_array_equal(got, want)
-    other_seed = next(iter(training.training_stream(images, 16, 4, 0, 15, 6, images_only=True)))
-    assert not np.array_equal(other_seed, full[0])
-
-
 def test_kill_while_a_checkpoint_is_written_leaves_a_resumable_run(tmp_path, digits,
                                                                    uninterrupted):
     model_dir = str(tmp_path / "run")
     with pytest.raises(_Crash):
-        training.train_comdefend(_tiny_config(), digits, model_dir,
+        purifier.train_comdefend(_tiny_config(), digits, model_dir,
                                  extra_callbacks=[_StepRecorder(crash_after=7)], **TINY)
-    backup = os.path.join(model_dir, training.BACKUP_SUBDIR)
+    backup = os.path.join(model_dir, run_state.BACKUP_SUBDIR)
     assert tf.train.latest_checkpoint(backup).endswith("ckpt-6")
     # What a kill inside the write of ckpt-8 leaves: TensorFlow's temporary shard folder and a
     # truncated data file; the 'checkpoint' state file is replaced only after a complete write.
@@ -293,7 +278,7 @@ def test_kill_while_a_checkpoint_is_written_leaves_a_resumable_run(tmp_path, dig
     with open(os.path.join(backup, "ckpt-8.data-00000-of-00001"), "wb") as handle:
         handle.write(b"partial")
     resumed = _StepRecorder()
-    model, _ = training.train_comdefend(_tiny_config(), digits, model_dir,
+    model, _ = purifier.train_comdefend(_tiny_config(), digits, model_dir,
                                         extra_callbacks=[resumed], **TINY)
     assert resumed.steps == list(range(7, 13))
     assert not os.path.exists(os.path.join(backup, "ckpt-8_temp"))  # cleaned up on resume
@@ -304,14 +289,14 @@ def test_kill_while_a_checkpoint_is_written_leaves_a_resumable_run(tmp_path, dig
 def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(tmp_path, digits):
     model_dir = str(tmp_path / "run")
     with pytest.raises(_Crash):
-        training.train_comdefend(_tiny_config(), digits, model_dir,
+        purifier.train_comdefend(_tiny_config(), digits, model_dir,
                                  extra_callbacks=[_StepRecorder(crash_after=9)], **TINY)
-    backup = os.path.join(model_dir, training.BACKUP_SUBDIR)
+    backup = os.path.join(model_dir, run_state.BACKUP_SUBDIR)
     assert tf.train.latest_checkpoint(backup).endswith("ckpt-8")
     with open(os.path.join(backup, "ckpt-8.index"), "wb") as handle:
         handle.write(b"corrupted by a disk fault")
     resumed = _StepRecorder()
-    training.train_comdefend(_tiny_config(), digits, model_dir, extra_callbacks=[resumed],
+    purifier.train_comdefend(_tiny_config(), digits, model_dir, extra_callbacks=[resumed],
                              **TINY)
     assert resumed.steps[0] == 7  # resumed from ckpt-6
 
@@ -319,12 +304,12 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(tmp_path, 
 def test_finished_but_unsaved_run_only_writes_the_model(tmp_path, digits, uninterrupted):
     model_dir = str(tmp_path / "run")
     with pytest.raises(_Crash):
-        training.train_comdefend(_tiny_config(), digits, model_dir,
+        purifier.train_comdefend(_tiny_config(), digits, model_dir,
                                  extra_callbacks=[_StepRecorder(crash_on_train_end=True)],
                                  **TINY)
     assert not os.path.exists(os.path.join(model_dir, "comdefend.keras"))
     resumed = _StepRecorder()
-    model, metrics = training.train_comdefend(_tiny_config(), digits, model_dir,
+    model, metrics = purifier.train_comdefend(_tiny_config(), digits, model_dir,
                                               extra_callbacks=[resumed], **TINY)
     assert resumed.steps == []  # no step trained again
     assert _progress(model_dir)["resumed_from_step"] == 12 and metrics["steps"] == 12
@@ -332,14 +317,14 @@ def test_finished_but_unsaved_run_only_writes_the_model(tmp_path, digits, uninte
     for got, want in zip(_weights(loaded), uninterrupted):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # A finished run cannot silently ignore a new learning rate, nor resume other settings.
-    with pytest.raises(training.TrainingError, match="would change nothing"):
-        training.train_comdefend(_tiny_config(), digits, model_dir, learning_rate=1e-4, **TINY)
-    with pytest.raises(training.TrainingError, match="batch_size: 16 -> 8"):
-        training.train_comdefend(_tiny_config(), digits, model_dir,
+    with pytest.raises(purifier.TrainingError, match="would change nothing"):
+        purifier.train_comdefend(_tiny_config(), digits, model_dir, learning_rate=1e-4, **TINY)
+    with pytest.raises(purifier.TrainingError, match="batch_size: 16 -> 8"):
+        purifier.train_comdefend(_tiny_config(), digits, model_dir,
                                  **dict(TINY, batch_size=8))
     # More epochs continue the finished run.
     more = _StepRecorder()
-    training.train_comdefend(_tiny_config(), digits, model_dir, extra_callbacks=[more],
+    purifier.train_comdefend(_tiny_config(), digits, model_dir, extra_callbacks=[more],
                              **dict(TINY, epochs=3))
     assert more.steps == list(range(13, 19))
 
@@ -357,12 +342,12 @@ def test_non_finite_loss_fails_and_keeps_checkpoints_and_the_previous_model(tmp_
     keras_path = save_comdefend(previous, model_dir, {"previous": True})
     before = open(keras_path, "rb").read()
     diverging = _StepRecorder(crash_after=6, action=_poison)  # after ckpt-6 is written
-    with pytest.raises(training.NonFiniteTraining, match="step 7.*step 6") as caught:
-        training.train_comdefend(_tiny_config(), digits, model_dir,
+    with pytest.raises(purifier.NonFiniteTraining, match="step 7.*step 6") as caught:
+        purifier.train_comdefend(_tiny_config(), digits, model_dir,
                                  extra_callbacks=[diverging], **TINY)
     assert caught.value.step == 7 and caught.value.checkpoint_step == 6
     assert open(keras_path, "rb").read() == before
-    backup = os.path.join(model_dir, training.BACKUP_SUBDIR)
+    backup = os.path.join(model_dir, run_state.BACKUP_SUBDIR)
     assert tf.train.latest_checkpoint(backup).endswith("ckpt-6")
     assert _progress(model_dir)["state"] == "diverged"
     # Non-finite weights are never checkpointed.
@@ -370,46 +355,20 @@ def test_non_finite_loss_fails_and_keeps_checkpoints_and_the_previous_model(tmp_
     model(np.zeros((1, 8, 8, 1), np.float32))
     optimizer = keras.optimizers.Adam(1e-3)
     optimizer.build(model.trainable_variables)
-    state = training.RunState(str(tmp_path / "other"), model, optimizer, {"learning_rate": 1e-3})
+    state = run_state.RunState(str(tmp_path / "other"), model, optimizer, {"learning_rate": 1e-3})
     state.save(5)
     _poison(model)
-    with pytest.raises(training.NonFiniteTraining, match="a weight"):
+    with pytest.raises(purifier.NonFiniteTraining, match="a weight"):
         state.save(6)
     assert tf.train.latest_checkpoint(str(tmp_path / "other" / "backup")).endswith("ckpt-5")
     # The kept checkpoint resumes (here with a lower learning rate) to a finite model.
     resumed = _StepRecorder()
-    model, metrics = training.train_comdefend(_tiny_config(), digits, model_dir,
+    model, metrics = purifier.train_comdefend(_tiny_config(), digits, model_dir,
                                               extra_callbacks=[resumed],
                                               **dict(TINY, learning_rate=5e-4))
     assert resumed.steps[0] == 7 and metrics["learning_rate"] == 5e-4
     assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(5e-4)
-    assert training.all_finite(load_comdefend(model_dir).variables)
-
-
-def _constant_output_model(level):
-    model = ComDefend(_tiny_config(), seed=0)
-    model(np.zeros((1, 8, 8, 1), np.float32))
-    last = model.decoder.layers[-1]
-    last.kernel.assign(np.zeros(last.kernel.shape, np.float32))
-    last.bias.assign(np.full(last.bias.shape, np.log(level / (1 - level)), np.float32))
-    return model
-
-
-def test_a_constant_output_model_is_detected_as_collapsed(digits):
-    images = data.take_arrays(digits.test)[0]
-    baseline = training.mean_image_psnr(images)
-    # The mean image is the best constant output: every constant grey level scores lower.
-    for level in (0.05, 0.2, 0.5):
-        model = _constant_output_model(level)
-        report = training.reconstruction_report(model, images)
-        assert report["psnr_db"] < baseline
-        assert training.collapse_verdict(report["psnr_db"], baseline) == "collapsed"
-    assert training.collapse_verdict(baseline + 0.5, baseline, margin_db=1.0) == "collapsed"
-    assert training.collapse_verdict(baseline + 1.5, baseline, margin_db=1.0) == "ok"
-    assert training.collapse_verdict(float("nan"), baseline) == "collapsed"
-    mean = images.mean(axis=0)
-    expected = np.mean([10 * np.log10(1 / np.mean((image - mean) ** 2)) for image in images])
-    assert baseline == pytest.approx(expected, abs=1e-3)
+    assert run_state.all_finite(load_comdefend(model_dir).variables)
 
 
 def test_binary_refuses_a_collapsed_model_and_keeps_the_previous_one(tmp_path):
@@ -437,7 +396,7 @@ def test_binary_refuses_a_collapsed_model_and_keeps_the_previous_one(tmp_path):
 def test_binary_exits_non_zero_on_nan_and_the_run_resumes(tmp_path, digits):
     model_dir = tmp_path / "model"
     settings = dict(batch_size=16, steps_per_epoch=3, collapse_margin_db=None, verbose=0)
-    training.train_comdefend(_tiny_config(), digits, str(model_dir), epochs=1, **settings)
+    purifier.train_comdefend(_tiny_config(), digits, str(model_dir), epochs=1, **settings)
     keras_path = model_dir / "comdefend.keras"
     before = keras_path.read_bytes()
     # The same run, one more epoch at an absurd learning rate: Adam steps of 1e30 overflow the
@@ -453,7 +412,7 @@ def test_binary_exits_non_zero_on_nan_and_the_run_resumes(tmp_path, digits):
     assert keras_path.read_bytes() == before
     assert tf.train.latest_checkpoint(str(model_dir / "backup")).endswith("ckpt-3")
     resumed = _StepRecorder()
-    training.train_comdefend(_tiny_config(), digits, str(model_dir), epochs=2,
+    purifier.train_comdefend(_tiny_config(), digits, str(model_dir), epochs=2,
                              extra_callbacks=[resumed], **settings)
     assert resumed.steps == [4, 5, 6]
     assert keras_path.read_bytes() != before

@@ -1,5 +1,6 @@
-"""TensorBoard pictures (comdefend_tf.training.summaries): the grid layout, what each picture holds, that
-drawing them leaves the training noise alone, and the training binary's image summaries."""
+"""TensorBoard pictures (comdefend_tf.training.summaries): the grid layout, what each picture
+holds, that drawing them leaves the training noise alone, and the training binary's image
+summaries."""
 
 import glob
 import os

@@ -28,10 +28,11 @@ import pytest
 
 from comdefend_tf import get_config
 from comdefend_tf.io import images as image_io
+from comdefend_tf.weights import architectures, parity, safe_zip
 from comdefend_tf.weights import importer as reference
 from comdefend_tf.patches import purify_patchwise
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 REFERENCE_DIR = Path(os.environ.get("COMDEFEND_REFERENCE_DIR",
                                     REPO_ROOT.parent / "shared" / "reference"))
 RGB_FILES = ("enc20_0.0001.npy", "dec20_0.0001.npy")
@@ -54,13 +55,13 @@ def write_release_file(path, arrays):
 
 
 def zero_arrays(config, network):
-    return [np.zeros(shape, np.float32) for shape in reference.network_shapes(config, network)]
+    return [np.zeros(shape, np.float32) for shape in architectures.network_shapes(config, network)]
 
 
 def random_arrays(config, network, seed):
     rng = np.random.default_rng(seed)
     return [rng.normal(0, 0.05, shape).astype(np.float32)
-            for shape in reference.network_shapes(config, network)]
+            for shape in architectures.network_shapes(config, network)]
 
 
 def malicious_npy_bytes(command_object) -> bytes:
@@ -276,33 +277,6 @@ def test_mixed_architectures_are_reported(paper_zero_files):
         reference.load_reference_model(paper_zero_files["encoder"], gray_decoder)
 
 
-def test_truncation_and_rounding_differ_as_documented():
-    values = np.array([0.0, 0.5 / 255, 0.999 / 255, 254.6 / 255, 1.0], np.float32)
-    np.testing.assert_array_equal(reference.truncate_to_uint8(values), [0, 0, 0, 254, 255])
-    np.testing.assert_array_equal(reference.round_to_uint8(values), [0, 0, 1, 255, 255])
-
-
-def test_code_statistics_of_a_known_code():
-    logits = np.array([-200.0, -0.5, 0.05, 3.0, 150.0], np.float32)
-    stats = reference.code_statistics(logits)
-    assert stats["median_abs"] == pytest.approx(3.0)
-    assert stats["below_1"] == pytest.approx(0.4)
-    assert stats["below_0_1"] == pytest.approx(0.2)
-    assert stats["ones"] == pytest.approx(0.6)
-    # Phi(-0.5) + Phi(-0.05) + Phi(-3) over 5 values.
-    assert stats["flip_rate_sigma1"] == pytest.approx((0.308538 + 0.480061 + 0.001350) / 5,
-                                                      abs=1e-5)
-
-
-def test_uint8_agreement():
-    ours = np.array([[10, 20, 30, 40]], np.uint8)
-    theirs = np.array([[10, 21, 30, 44]], np.uint8)
-    agreement = reference.uint8_agreement(ours, theirs)
-    assert agreement["exact"] == 0.5 and agreement["mean_abs"] == 1.25
-    assert agreement["within_1"] == 0.75 and agreement["max_abs"] == 4
-    assert agreement["psnr_db"] == pytest.approx(10 * np.log10(255 ** 2 / (17 / 4)))
-
-
 # -------------------------------------------------------------------- hostile weight files
 # A representative subset of tools/hostile_weight_files.py's corpus, read in this process so each
 # refusal's message can be checked; test_hostile_corpus_* below runs the whole corpus, each
@@ -397,7 +371,7 @@ def test_bomb_declaring_the_cap_stops_reading_at_the_cap(tmp_path, monkeypatch):
     from tests.fixtures import hostile_weight_files as hostile
 
     cap = 2 << 20
-    monkeypatch.setattr(reference, "MAX_MEMBER_BYTES", cap)
+    monkeypatch.setattr(safe_zip, "MAX_MEMBER_BYTES", cap)
     data, crc = hostile.deflate_bomb(64)
     path = tmp_path / "bomb.npy"
     path.write_bytes(hostile.raw_zip([hostile.RawMember(data, cap, crc)]))
@@ -455,7 +429,7 @@ def test_hostile_corpus_every_file_refused_none_crashing(tmp_path):
     assert totals["crashed"] == totals["code_ran"] == totals["accepted"] == 0
     assert totals["controls"] == totals["controls_accepted"] >= 2
     # A bomb may cost at most the member cap (plus the reader's own pieces), never its size.
-    assert totals["max_growth_mib"] < reference.MAX_MEMBER_BYTES / 2 ** 20 * 1.5
+    assert totals["max_growth_mib"] < safe_zip.MAX_MEMBER_BYTES / 2 ** 20 * 1.5
     assert not list(tmp_path.glob("*.code_ran"))
 
 
@@ -579,9 +553,9 @@ def test_authors_tiles_are_reproduced_with_bgr_and_truncation(reference_dir, rgb
         str(reference_dir / "imagenet" / "patches_out" / n), channels=3)) for n in names])
     bgr_output = _numpy(rgb_model(rgb_patches["inputs_bgr"]))[..., ::-1]
     rgb_output = _numpy(rgb_model(rgb_patches["inputs"]))
-    bgr_truncated = reference.uint8_agreement(reference.truncate_to_uint8(bgr_output), theirs)
-    bgr_rounded = reference.uint8_agreement(reference.round_to_uint8(bgr_output), theirs)
-    rgb_truncated = reference.uint8_agreement(reference.truncate_to_uint8(rgb_output), theirs)
+    bgr_truncated = parity.uint8_agreement(parity.truncate_to_uint8(bgr_output), theirs)
+    bgr_rounded = parity.uint8_agreement(image_io.to_uint8(bgr_output), theirs)
+    rgb_truncated = parity.uint8_agreement(parity.truncate_to_uint8(rgb_output), theirs)
     assert bgr_truncated["exact"] >= 0.62 and bgr_truncated["mean_abs"] <= 0.55
     assert bgr_rounded["exact"] < bgr_truncated["exact"]
     assert rgb_truncated["exact"] < 0.2 and rgb_truncated["mean_abs"] > 3

@@ -1,0 +1,202 @@
+"""The adaptive protocol's attacks (``adaptive.Evaluation`` runs and scores them): per defense,
+norm and eps, the ordered list of ``CascadeAttack``s, each with its attacked callable
+(``threat_models.build``), its seed (``seeds.attack_seed``) and its EOT draws.
+
+Order (cheap and strong first): the defense-independent images (``white_box`` on ``none``,
+``oblivious``, ``transfer``: made once on every example, only scored per defense), then every
+other applicable threat model's APGD with each loss (CE, APGD-T, DLR), then Square
+(``gradient_free``). ``full=False`` (the sanity radii) runs APGD-CE ``oblivious``/``bpda_eot``
+only. ``run(indices)`` of an attack returns float32 adversarial images ``[len(indices), H, W,
+C]`` in [0, 1]; every APGD run's gradient check is recorded in ``gradient_checks``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import numpy as np
+
+from comdefend_tf.attacks import apgd as apgd_lib
+from comdefend_tf.attacks import square as square_lib
+from comdefend_tf.evaluation import baselines, scoring, seeds
+from comdefend_tf.evaluation import threat_models as threat_models_lib
+
+ATTACK_NAMES = {"ce": "apgd-ce", "t": "apgd-t", "dlr": "apgd-dlr"}
+
+
+@dataclasses.dataclass
+class CascadeAttack:
+    """One entry of a defense's cascade: ``run(indices)`` returns the adversarial images
+    (float32 ``[len(indices), H, W, C]``) for those examples."""
+
+    threat_model: str
+    attack: str
+    steps: int
+    eot: int
+    restarts: int
+    run: Callable[[np.ndarray], np.ndarray]
+    same_draw_noise: np.ndarray | None = None  # fixed_noise: also scored with the attacker's draw
+
+
+def adversarial_images(result) -> np.ndarray:
+    """The adversarial images of an ``APGDResult`` or a ``SquareResult``."""
+    return np.asarray(result.adversarial, np.float32)
+
+
+class AttackPlan:
+    """The attacks of one adaptive evaluation: ``models`` (``adaptive.Models``) on ``images``
+    float32 ``[N, H, W, C]`` in [0, 1] with ``labels`` int64 ``[N]``, under ``protocol``
+    (``adaptive.Protocol``); inputs are checked by ``adaptive.Evaluation``."""
+
+    def __init__(self, models, images: np.ndarray, labels: np.ndarray, protocol):
+        self.models = models
+        self.images = images
+        self.labels = labels
+        self.protocol = protocol
+        self.randomized = (models.purifier is not None
+                           and baselines.is_randomized(models.purifier))
+        self.gradient_checks: list[dict] = []
+        self.convergence: dict = {}
+        self._shared: dict = {}
+        self._attacked_models: dict = {}
+        self._fixed_noise = None
+
+    def defense(self, name):
+        if name == "none":
+            return None
+        if name == "comdefend":
+            return self.models.purifier
+        return self.models.baselines[name]
+
+    def draws(self, defense_name: str) -> int:
+        return self.protocol.eot_samples if (defense_name == "comdefend"
+                                             and self.randomized) else 1
+
+    def fixed_noise(self):
+        """Per-example noise draws of the ``fixed_noise`` attacker, float32 ``[N, h, w,
+        code_channels]`` (seeded by the protocol's seed)."""
+        if self._fixed_noise is None:
+            purifier = self.models.purifier
+            shape = purifier.encoder.compute_output_shape((None,) + self.images.shape[1:])
+            generator = np.random.default_rng(seeds.attack_seed(
+                self.protocol.seed, "noise", None, "fixed_noise", "-", 0.0, "comdefend"))
+            self._fixed_noise = (purifier.config.inference_noise_std * generator.normal(
+                size=(len(self.images),) + tuple(shape[1:]))).astype(np.float32)
+        return self._fixed_noise
+
+    def _apgd(self, attacked, indices, norm, eps, loss, eot, seed, steps=None, label=""):
+        protocol = self.protocol
+        images, labels = self.images[indices], self.labels[indices]
+        model = attacked.model
+        if attacked.index_aware:
+            noise = self.fixed_noise()[indices]
+            model = threat_models_lib.fixed_noise_fn(self.models.classifier,
+                                                     self.models.purifier, noise)
+        common = dict(eps=eps, norm=norm, steps=steps or protocol.steps, eot_iter=eot,
+                      seed=seed, batch_size=protocol.batch_size)
+        if attacked.index_aware:
+            common["index_aware"] = True
+        if loss == "t":
+            result = apgd_lib.apgd_targeted(model, images, labels,
+                                            n_target_classes=protocol.target_classes, **common)
+        else:
+            result = apgd_lib.apgd(model, images, labels, loss=loss, restarts=protocol.restarts,
+                                   **common)
+        check = scoring.gradient_check(result.zero_gradient_fraction, result.nonfinite_gradients)
+        check.update(attack=label, norm=norm, eps=float(eps), loss=loss, eot=int(eot),
+                     gradient_calls=int(result.gradient_calls), examples=int(len(indices)))
+        self.gradient_checks.append(check)
+        return result
+
+    def _square(self, model, indices, norm, eps, eot, seed):
+        result = square_lib.square(model, self.images[indices], self.labels[indices], eps,
+                                   norm=norm, queries=self.protocol.square_queries,
+                                   eot_draws=eot, seed=seed,
+                                   batch_size=self.protocol.batch_size)
+        return adversarial_images(result)
+
+    def _attacked(self, threat_model, defense_name):
+        """One attacked callable per (threat model, defense), reused at every eps (the
+        attacks cache their compiled steps per model)."""
+        key = (threat_model, defense_name)
+        if key not in self._attacked_models:
+            self._attacked_models[key] = threat_models_lib.build(
+                threat_model, self.models.classifier, self.defense(defense_name),
+                second_classifier=self.models.second_classifier,
+                fixed_noise=self.fixed_noise() if threat_model == "fixed_noise" else None)
+        return self._attacked_models[key]
+
+    def _shared_run(self, threat_model, loss, norm, eps, steps=None):
+        """Adversarial images of a defense-independent attack on every example (made once)."""
+        key = (threat_model, loss, norm, float(eps), steps)
+        if key not in self._shared:
+            source = "second_classifier" if threat_model == "transfer" else "classifier"
+            attacked = self._attacked(threat_model, "none")
+            seed = seeds.attack_seed(self.protocol.seed, ATTACK_NAMES[loss], loss, threat_model,
+                                     norm, eps, source)
+            result = self._apgd(attacked, np.arange(len(self.images)), norm, eps, loss, 1, seed,
+                                steps=steps, label=f"{threat_model}/{source}")
+            self._shared[key] = adversarial_images(result)
+        return self._shared[key]
+
+    def cascade(self, defense_name: str, norm: str, eps: float, full: bool) -> list:
+        """The ordered attacks on one defense at one radius (see the module docstring)."""
+        protocol = self.protocol
+        defense = self.defense(defense_name)
+        losses = protocol.losses if full else ["ce"]
+        chosen = protocol.threat_models if full else [
+            t for t in protocol.threat_models if t in ("oblivious", "bpda_eot")]
+        undefended = defense_name == "none"
+        candidates = (["white_box"] if undefended else []) + [
+            t for t in chosen if t != "gradient_free"]
+        applicable = [t for t in candidates if threat_models_lib.applies(t, defense_name,
+                                                                         defense)]
+        K = self.draws(defense_name)
+        attacks = []
+        # Defense-independent images first: made once for every defense, only scored here.
+        for loss in losses:
+            for threat_model in applicable:
+                if threat_model in ("white_box", "oblivious", "transfer"):
+                    source = "oblivious" if threat_model == "white_box" else threat_model
+                    attacks.append(CascadeAttack(
+                        threat_model, ATTACK_NAMES[loss], protocol.steps, 1, protocol.restarts,
+                        lambda indices, source=source, loss=loss: self._shared_run(
+                            source, loss, norm, eps)[indices]))
+        for loss in losses:
+            for threat_model in applicable:
+                if threat_model in ("white_box", "oblivious", "transfer"):
+                    continue
+                fixed = threat_model == "fixed_noise"
+                attacked = self._attacked(threat_model, defense_name)
+                eot = 1 if fixed else K
+                seed = seeds.attack_seed(protocol.seed, ATTACK_NAMES[loss], loss, threat_model,
+                                         norm, eps, defense_name)
+
+                def run(indices, attacked=attacked, loss=loss, eot=eot, seed=seed,
+                        threat_model=threat_model):
+                    result = self._apgd(attacked, indices, norm, eps, loss, eot, seed,
+                                        label=f"{threat_model}/{defense_name}")
+                    if (defense_name == "comdefend" and threat_model == "bpda_eot"
+                            and loss == "ce" and math.isclose(eps, protocol.headline_eps)):
+                        self.convergence[f"{norm} eps={eps:g}"] = {
+                            "examples": int(len(indices)),
+                            "robust_curve": np.asarray(result.robust_curve).tolist(),
+                            "loss_curve": np.asarray(result.loss_curve).tolist(),
+                            "step_sizes": np.asarray(result.step_sizes).tolist()}
+                    return adversarial_images(result)
+                attacks.append(CascadeAttack(threat_model, ATTACK_NAMES[loss], protocol.steps,
+                                             eot, protocol.restarts, run,
+                                             self.fixed_noise() if fixed else None))
+        if full and "gradient_free" in protocol.threat_models:
+            attacked = self._attacked("white_box" if undefended else "gradient_free",
+                                      defense_name)
+            square_eot = (protocol.square_eot or protocol.eot_samples) if K > 1 else 1
+            seed = seeds.attack_seed(protocol.seed, "square", None, "gradient_free", norm, eps,
+                                     defense_name)
+            attacks.append(CascadeAttack(
+                "gradient_free", "square", protocol.square_queries, square_eot, 1,
+                lambda indices, model=attacked.model, square_eot=square_eot, seed=seed:
+                self._square(model, indices, norm, eps, square_eot, seed)))
+        return attacks
