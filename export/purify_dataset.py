@@ -45,19 +45,10 @@ flags.DEFINE_integer("batch_size", 32, "Images of one size per network call (mem
                      "with it and the image size).", lower_bound=1)
 flags.DEFINE_integer("num_shards", 0, "Output TFRecord shards (0: the runner decides).",
                      lower_bound=0)
-flags.DEFINE_integer("max_pixels", None, "Refuse (too_large) images declaring more pixels "
-                     "than this, checked from the header before decoding. Default: the purify "
-                     "command's (comdefend_tf.io.images.DEFAULT_MAX_PIXELS).", lower_bound=1)
-flags.DEFINE_integer("max_bytes", None, "Refuse (too_large) encoded images larger than this "
-                     "many bytes, before reading them. Default: the purify command's "
-                     "(comdefend_tf.io.images.DEFAULT_MAX_BYTES).", lower_bound=1)
-flags.DEFINE_integer("max_files", None, "Stop before any work if --input matches more files "
-                     "than this. Default: the purify command's "
-                     "(comdefend_tf.purification.plan.DEFAULT_MAX_FILES).", lower_bound=1)
-flags.DEFINE_integer("tile_above_pixels", None, "--model_dir only: purify images of more "
-                     "pixels than this in exact tiles, as the purify command does (same "
-                     "result, bounded memory). Default: the model's budget; 0: never.",
-                     lower_bound=0)
+shared_flags.define_file_limit_flags()
+# The names this command had before the limits were shared with the purify command.
+flags.DEFINE_alias("max_pixels", "max_image_pixels")
+flags.DEFINE_alias("max_bytes", "max_file_bytes")
 flags.DEFINE_integer("seed", None, "Seed of the code noise (--model_dir only). Every worker "
                      "replays the same draws.")
 flags.DEFINE_bool("code_bits", False, "Also store each image's code bits (packed) in its "
@@ -94,7 +85,7 @@ def _main(argv):
     logging.getLogger("apache_beam").setLevel(FLAGS.beam_log_level.upper())
 
     pipeline_args = argv[1:]
-    settings = {"max_pixels": FLAGS.max_pixels, "max_bytes": FLAGS.max_bytes,
+    settings = {"max_pixels": FLAGS.max_image_pixels, "max_bytes": FLAGS.max_file_bytes,
                 "max_files": FLAGS.max_files, "tile_above_pixels": FLAGS.tile_above_pixels}
     try:
         options = pipeline.PurifyOptions(

@@ -67,25 +67,7 @@ flags.DEFINE_integer("seed", None, "Seed of the inference noise (repeatable runs
 flags.DEFINE_enum("uint8_conversion", "round", ["round", "truncate"], "How outputs become "
                   "uint8: 'round' (correct) or 'truncate', the release's astype(uint8), only to "
                   "reproduce the authors' files.")
-flags.DEFINE_integer("tile_above_pixels", None, "Pixel budget of the default whole-image mode: "
-                     "larger images (height x width) are purified in tiles with the "
-                     "receptive-field radius as overlap, exactly equal to the whole-image "
-                     "result, at most this many window pixels per network call. Default: 2 GiB "
-                     "of activations over the model's estimated bytes per pixel (4 bytes x the "
-                     "widest convolution's input + output channels x 4 for workspace; 349,525 "
-                     "pixels, about 590x590, for the paper widths). 0: never tile (whole "
-                     "images of any size; needs about 6 KB per pixel for the paper widths).",
-                     lower_bound=0)
-flags.DEFINE_integer("max_image_pixels", None, "Refuse images declaring more pixels (height x "
-                     "width) than this, read from the header before decoding. Default: "
-                     "comdefend_tf.io.images.DEFAULT_MAX_PIXELS (100,000,000).", lower_bound=1)
-flags.DEFINE_integer("max_file_bytes", None, "Refuse input files larger than this many bytes, "
-                     "before reading them. Default: comdefend_tf.io.images.DEFAULT_MAX_BYTES "
-                     "(536,870,912 = 512 MiB).", lower_bound=1)
-flags.DEFINE_integer("max_files", None, "Stop before any work if --input matches more files "
-                     "than this (the list of names is held in memory, about 0.3 KB per file). "
-                     "Default: comdefend_tf.io.listing.DEFAULT_MAX_FILES (1,000,000).",
-                     lower_bound=1)
+shared_flags.define_file_limit_flags()
 flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
 flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 flags.mark_flags_as_required(["model_dir", "input", "output_dir"])

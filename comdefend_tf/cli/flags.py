@@ -182,3 +182,28 @@ def define_training_run_flags(epochs: int, batch_size: int, strategies,
                          "Optimizer steps between checkpoints in MODEL_DIR/backup, which are "
                          "also written at every epoch end; a kill loses at most this many steps.",
                          lower_bound=1, flag_values=flag_values)
+
+
+def define_file_limit_flags(*, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines the limits of the commands that purify files, checked before any decoding:
+    --max_image_pixels, --max_file_bytes, --max_files and --tile_above_pixels (each default
+    None: the library's default)."""
+    flags.DEFINE_integer("max_image_pixels", None, "Refuse (too_large) images declaring more "
+                         "pixels (height x width) than this, read from the header before "
+                         "decoding. Default: comdefend_tf.io.images.DEFAULT_MAX_PIXELS "
+                         "(100,000,000).", lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_integer("max_file_bytes", None, "Refuse (too_large) input files larger than "
+                         "this many bytes, before reading them. Default: "
+                         "comdefend_tf.io.images.DEFAULT_MAX_BYTES (536,870,912 = 512 MiB).",
+                         lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_integer("max_files", None, "Stop before any work if --input matches more files "
+                         "than this (the list of names is held in memory, about 0.3 KB per "
+                         "file). Default: comdefend_tf.io.listing.DEFAULT_MAX_FILES "
+                         "(1,000,000).", lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_integer("tile_above_pixels", None, "Pixel budget of whole-image purification "
+                         "with a Keras model: larger images (height x width) are purified in "
+                         "tiles with the receptive-field radius as overlap, exactly equal to the "
+                         "whole-image result, at most this many window pixels per network call. "
+                         "Default: 2 GiB of activations over the model's estimated bytes per "
+                         "pixel (about 590x590 for the paper widths). 0: never tile.",
+                         lower_bound=0, flag_values=flag_values)

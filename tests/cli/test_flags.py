@@ -151,12 +151,24 @@ BINARIES = sorted((REPO / "train").glob("*.py")) + sorted((REPO / "export").glob
 @pytest.mark.parametrize("name", ["inference_noise_std", "precision", "jpeg_quality",
                                   "bit_depth", "median_size", "dataset", "image_size",
                                   "color_mode", "manual_dir", "classifier_dir", "comdefend_dir",
-                                  "purified_classifier_dir"])
+                                  "purified_classifier_dir", "max_image_pixels",
+                                  "max_file_bytes", "max_files", "tile_above_pixels"])
 def test_no_binary_redefines_a_shared_flag(name):
     pattern = re.compile(r"DEFINE_\w+\(\s*[\"']" + name + r"[\"']")
     assert BINARIES
     for path in BINARIES:
         assert not pattern.search(path.read_text()), f"{path.name} redefines --{name}"
+
+
+def test_file_limit_flags_default_to_the_library_and_refuse_nonsense():
+    values = _parse(cli_flags.define_file_limit_flags)
+    assert [values[name].value for name in ("max_image_pixels", "max_file_bytes", "max_files",
+                                            "tile_above_pixels")] == [None, None, None, None]
+    assert _parse(cli_flags.define_file_limit_flags, "--tile_above_pixels=0").tile_above_pixels == 0
+    for bad in ("--max_image_pixels=0", "--max_file_bytes=-1", "--max_files=0",
+                "--tile_above_pixels=-1"):
+        with pytest.raises(flags.IllegalFlagValueError):
+            _parse(cli_flags.define_file_limit_flags, bad)
 
 
 def test_exit_codes_table():
