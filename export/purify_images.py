@@ -6,7 +6,9 @@ r"""Purifies image files with a ComDefend model directory: PNG/JPEG in, PNG out.
 Each input ``NAME.ext`` becomes ``OUTPUT_DIR/NAME.png`` (rounded to uint8). The command never
 writes into a folder that holds an input, never over an input file, never outside
 ``--output_dir``, and never replaces an existing output unless ``--overwrite`` is given (all
-checked before any work starts).
+checked before any work starts; an output that appears during the run, e.g. another run's,
+is kept too, and its input is refused). An ``--output_dir`` that is a file or lies below one
+is an ``error:`` line (exit 1).
 
 Reading (``comdefend_tf.io.images``): only PNG and JPEG, recognised by content whatever the
 file's name; anything else (EPS, GIF, TIFF, BMP, ... even named ``x.png``) is refused unopened.
@@ -16,8 +18,10 @@ dropped (colours used as stored, not composited); EXIF orientation is applied so
 are upright. Refused, by name and with the reason, and skipped while the other files go on:
 files over --max_file_bytes (before reading), images declaring more than --max_image_pixels
 (before decoding: a 69-byte PNG declaring 20000x20000 costs 69 bytes), other formats, corrupt
-or truncated data, JPEGs with other than 1 or 3 colour components, unreadable files, FIFOs and
-devices, and links leading outside the input folder or dangling. ``**`` globs do not follow
+or truncated data (also before decoding: a JPEG scan cut short or without its end marker, data
+too short for the pixels declared; decoding work is bounded per input byte, see
+``comdefend_tf.io.headers.check_payload``), JPEGs with other than 1 or 3 colour components,
+unreadable files, FIFOs and devices, and links leading outside the input folder or dangling. ``**`` globs do not follow
 links to folders (no loops). More than --max_files matches stops the run before any work.
 
 Memory: without --patch_size, images above --tile_above_pixels are tiled automatically with
@@ -94,8 +98,13 @@ def _main(argv):
     except (FileNotFoundError, ValueError) as error:
         print(refusals.error_line(error), file=sys.stderr)
         return exit_codes.COULD_NOT_START
+    try:
+        os.makedirs(FLAGS.output_dir, exist_ok=True)
+    except OSError as error:  # made a file meanwhile, no permission, name too long
+        print(refusals.error_line(f"cannot create output folder {FLAGS.output_dir!r}: "
+                                  f"{error.strerror or error}"), file=sys.stderr)
+        return exit_codes.COULD_NOT_START
     model = precision.convert_model(model, FLAGS.precision)
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
     to_uint8 = (parity.truncate_to_uint8 if FLAGS.uint8_conversion == "truncate"
                 else image_io.to_uint8)
     summary = files.purify_files(
@@ -104,7 +113,7 @@ def _main(argv):
         progress=FLAGS.progress, tile_above_pixels=FLAGS.tile_above_pixels,
         max_image_pixels=chosen(FLAGS.max_image_pixels, image_io.DEFAULT_MAX_PIXELS),
         max_file_bytes=chosen(FLAGS.max_file_bytes, image_io.DEFAULT_MAX_BYTES),
-        refused=listing.refused)
+        refused=listing.refused, overwrite=FLAGS.overwrite)
     print(summary.line())
     if summary.failures:
         print(f"{len(summary.failures)} input(s) refused:", file=sys.stderr)

@@ -55,7 +55,11 @@ SLOW_TESTS = frozenset({
     "test_binary_exits_non_zero_on_nan_and_the_run_resumes",
     "test_training_binary_writes_the_pictures_every_epoch",
     "test_import_binary_writes_a_model_dir_that_loads",
-    # The hostile weight-file corpus: 92 files, each imported in a forked child.
+    "test_import_command_prints_an_error_line_for_a_hostile_encoder",
+    "test_two_concurrent_runs_never_replace_each_others_outputs",
+    "test_an_output_folder_that_is_a_file_is_an_error_line",
+    "test_hostile_images_cost_little_time_and_memory_in_a_child",
+    # The hostile weight-file corpus: 100 files, each imported in a forked child.
     "test_hostile_corpus_every_file_refused_none_crashing",
     # In-process training of about 25 s.
     "test_training_drives_loss_down_and_psnr_up",

@@ -6,7 +6,9 @@ cap; a refused file ends with ``error: ...`` and exit status 1), infers the arch
 their shapes (RGB ``paper`` widths or the 1-channel ``released_gray`` widths), and writes
 ``MODEL_DIR/comdefend.keras``, ``config.json`` and
 ``metrics.json``, the same files the training binary writes, so evaluation, export and the
-purify command take an imported model exactly like a trained one.
+purify command take an imported model exactly like a trained one. Each file is read once;
+``metrics.json`` records the sha256 of the bytes that were loaded (and whether they are one of
+the authors' released files), never of a second reading of the path.
 
     python -m train.import_reference_weights \
         --encoder_weights=/path/to/enc20_0.0001.npy \

@@ -78,6 +78,17 @@ flags.DEFINE_list("ablation_steps", ["50", "100", "200"], "APGD steps compared a
                   "eps (ComDefend, bpda_eot, APGD-CE); empty for none.")
 flags.DEFINE_list("ablation_eot", ["1", "5", "20"], "EOT samples compared at the headline eps; "
                   "empty for none.")
+flags.DEFINE_list("ablation_restarts", ["1", "3"], "APGD restarts compared at the headline eps "
+                  "(the convergence section's third ladder); empty for none.")
+flags.DEFINE_integer("verify_draws", None, "Fresh noise draws every returned point and "
+                     "candidate is verified with on a randomized ComDefend (default 20); an "
+                     "example is broken when any of them is wrong.", lower_bound=1)
+flags.DEFINE_integer("draws_per_call", None, "APGD's EOT draws stacked into one model call "
+                     "(EOT as a batch dimension; default 5; 1: one call per draw).",
+                     lower_bound=1)
+flags.DEFINE_list("temperatures", None, "Temperatures T of the smoothed-binarizer threat model "
+                  "(hard bits forward, sigmoid(logits / T) backward), one run each "
+                  "(default 5,10,20).")
 flags.DEFINE_integer("ablation_examples", None, "Examples in the ablation (the first ones; "
                      "default 50).", lower_bound=1)
 flags.DEFINE_integer("batch_size", None, "Examples per attack batch (default 500).",
@@ -128,7 +139,10 @@ def build_protocol(image_shape):
                "restarts": FLAGS.restarts, "square_queries": FLAGS.square_queries,
                "square_eot": FLAGS.square_eot, "target_classes": FLAGS.target_classes,
                "losses": _names(FLAGS.losses), "ablation_examples": FLAGS.ablation_examples,
-               "batch_size": FLAGS.batch_size}
+               "batch_size": FLAGS.batch_size, "verify_draws": FLAGS.verify_draws,
+               "draws_per_call": FLAGS.draws_per_call,
+               "temperatures": (_numbers(FLAGS.temperatures, "temperatures")
+                                if FLAGS.temperatures is not None else None)}
     try:
         protocol = adaptive.Protocol(
             eps=eps, headline_eps=(FLAGS.headline_eps if FLAGS.headline_eps is not None
@@ -136,7 +150,9 @@ def build_protocol(image_shape):
             sanity_eps=sanity if "linf" in norms else [], threat_models=chosen_threat_models,
             defenses=defenses, ablation_steps=_numbers(FLAGS.ablation_steps, "ablation_steps",
                                                        int),
-            ablation_eot=_numbers(FLAGS.ablation_eot, "ablation_eot", int), seed=FLAGS.seed,
+            ablation_eot=_numbers(FLAGS.ablation_eot, "ablation_eot", int),
+            ablation_restarts=_numbers(FLAGS.ablation_restarts, "ablation_restarts", int),
+            seed=FLAGS.seed,
             per_attack_rows=FLAGS.per_attack_rows,
             **{key: value for key, value in options.items() if value is not None})
     except ValueError as error:
@@ -202,7 +218,8 @@ def main(argv):
         choice = precision.select_for_inference(purifier, FLAGS.precision, images[:64])
         purifier, precision_note = choice.model, f"{choice.precision} ({choice.reason})"
     print(f"Robustness report on {image_data.name}: N = {len(images)}, eps {protocol.eps}, "
-          f"steps {protocol.steps}, EOT {protocol.eot_samples}, losses {protocol.losses}, "
+          f"steps {protocol.steps}, EOT {protocol.eot_samples}, verification draws "
+          f"{protocol.verify_draws}, losses {protocol.losses}, "
           f"Square {protocol.square_queries} queries, "
           f"{'per-attack rows' if protocol.per_attack_rows else 'cascade'}")
     models = adaptive.Models(classifier=classifier, purifier=purifier,

@@ -16,7 +16,16 @@ the K draws) seen in any step of any restart, inside the ball and [0, 1].
 targets left unbroken; an example keeps its first success.
 
 Randomized models (``eot_iter = K``): every step averages loss and gradient over K calls, each
-with a fresh noise draw (AutoAttack's ``rand`` version).
+with a fresh noise draw (AutoAttack's ``rand`` version). No success is thrown away: every
+iterate that at least one draw misclassified is a *candidate*, and each example keeps the one
+misclassified in the most draws (``candidates``, ``candidate_failures``) beside its
+lowest-margin point; callers verify both with many fresh draws. An example counts as broken
+(``broken``: later restarts and targets skip it) only when one iterate was misclassified in
+all K draws of its step, not when the mean margin is negative.
+
+``judge``: the deployed forward pass when ``model`` is a surrogate whose own forward pass is
+not (``soft_path``): margins, candidates and the returned points are decided on the judge's
+logits, the gradient on the surrogate's.
 
 One iteration is one ``tf.function`` call. The compiled functions are cached weakly per model
 callable and take eps, the momentum and the batch as tensors: pass the same callable to every
@@ -67,6 +76,11 @@ class APGDResult:
       gradient_calls: number of model calls made for gradients.
       target_labels: APGD-T only: int64 ``[N]`` the target of the run that produced each
         returned point (-1 for plain APGD).
+      candidates: float32 ``[N, H, W, C]``: per example the iterate misclassified in the most
+        of its step's draws (ties: the lowest margin); the clean image where none was.
+      candidate_failures: int ``[N]``: in how many of the ``eot_iter`` draws it was
+        misclassified (0: no candidate).
+      broken: bool ``[N]``: a candidate was misclassified in every draw of its step.
     """
 
     adversarial: np.ndarray
@@ -78,33 +92,74 @@ class APGDResult:
     nonfinite_gradients: int
     gradient_calls: int
     target_labels: np.ndarray | None = None
+    candidates: np.ndarray | None = None
+    candidate_failures: np.ndarray | None = None
+    broken: np.ndarray | None = None
+
+
+def keep_candidate(state, point, failures, point_margin):
+    """The state's candidate entries after seeing ``point``: it replaces an example's candidate
+    when more of its draws were wrong, or as many (at least one) with a lower margin."""
+    held, held_margin = state["candidate_failures"], state["candidate_margin"]
+    better = (failures > held) | ((failures == held) & (failures > 0)
+                                  & (point_margin < held_margin))
+    return {"candidate": tf.where(tf.reshape(better, [-1, 1, 1, 1]), point,
+                                  state["candidate"]),
+            "candidate_failures": tf.where(better, failures, held),
+            "candidate_margin": tf.where(better, point_margin, held_margin)}
 
 
 class _Functions:
     """The (optionally compiled) pieces of one APGD configuration for one model: ``start``
     evaluates the random start, ``iterate`` runs one full iteration."""
 
-    def __init__(self, model_ref, loss, norm, eot_iter, targeted, index_aware, compile):
-        def call_model(points, index):
-            model = model_ref()
+    def __init__(self, model_ref, loss, norm, eot_iter, targeted, index_aware, compile,
+                 judge=None, draws_per_call=1):
+        def call_model(points, index, model=None):
+            model = model_ref() if model is None else model
             return model(points, index) if index_aware else model(points)
 
         def draw(points, labels, targets, index):
             losses, logits, gradient = single_draw_gradient(
                 lambda batch: call_model(batch, index), points, labels, loss,
                 targets if targeted else None)
-            return losses, gradient, logits
+            if judge is not None:  # the deployed forward pass decides, not the surrogate's
+                logits = tf.cast(call_model(points, index, judge), tf.float32)
+            wrong = tf.cast(tf.not_equal(tf.argmax(logits, -1, output_type=labels.dtype),
+                                         labels), tf.int32)
+            return losses, gradient, logits, wrong
+
+        def draws(points, labels, targets, index, count):
+            """Sums over ``count`` draws made in one model call on ``count`` stacked copies
+            of the batch (EOT as a batch dimension; each copy gets its own noise)."""
+            if count == 1:
+                return draw(points, labels, targets, index)
+            batch = tf.shape(points)[0]
+            tile = lambda values: tf.tile(values, [count] + [1] * (len(values.shape) - 1))
+            parts = draw(tile(points), tile(labels), tile(targets), tile(index))
+            return tuple(tf.reduce_sum(tf.reshape(part, tf.concat(
+                [[count, batch], tf.shape(part)[1:]], 0)), axis=0) for part in parts)
 
         def evaluate(points, labels, targets, index):
-            loss_sum, gradient_sum, logits_sum = draw(points, labels, targets, index)
-            # Compiled, the further draws are a graph loop (one copy of the model in the
+            group = min(draws_per_call, eot_iter)
+            full, rest = divmod(eot_iter, group)
+            loss_sum, gradient_sum, logits_sum, failures = draws(points, labels, targets,
+                                                                 index, group)
+            # Compiled, the further groups are a graph loop (one copy of the model in the
             # graph, so tracing does not grow with K); each iteration draws fresh noise.
-            extra = tf.range(eot_iter - 1) if compile else range(eot_iter - 1)
+            extra = tf.range(full - 1) if compile else range(full - 1)
             for _ in extra:
-                losses, gradient, logits = draw(points, labels, targets, index)
+                losses, gradient, logits, wrong = draws(points, labels, targets, index, group)
                 loss_sum += losses
                 gradient_sum += gradient
                 logits_sum += logits
+                failures += wrong
+            if rest:
+                losses, gradient, logits, wrong = draws(points, labels, targets, index, rest)
+                loss_sum += losses
+                gradient_sum += gradient
+                logits_sum += logits
+                failures += wrong
             scale = 1.0 / eot_iter
             value, gradient = loss_sum * scale, gradient_sum * scale
             point_margin = margin(logits_sum * scale, labels)
@@ -117,7 +172,7 @@ class _Functions:
                               tf.reduce_sum(tf.cast(~nonzero & unbroken, tf.int64)),
                               tf.reduce_sum(tf.cast(unbroken, tf.int64))])
             gradient = tf.where(tf.reshape(finite, [-1, 1, 1, 1]), gradient, 0.0)
-            return value, point_margin, gradient, stats
+            return value, point_margin, gradient, stats, failures
 
         def start(points, labels, targets, index):
             return evaluate(points, labels, targets, index)
@@ -125,7 +180,8 @@ class _Functions:
         def iterate(state, images, labels, targets, index, eps, alpha):
             candidate = momentum_step(state["current"], state["previous"], state["gradient"],
                                       state["eta"], images, eps, norm, alpha)
-            value, point_margin, gradient, stats = evaluate(candidate, labels, targets, index)
+            value, point_margin, gradient, stats, failures = evaluate(candidate, labels,
+                                                                      targets, index)
             improved_margin = tf.reshape(point_margin < state["best_margin"], [-1, 1, 1, 1])
             improved = value > state["best_loss"]
             improved4 = tf.reshape(improved, [-1, 1, 1, 1])
@@ -140,6 +196,7 @@ class _Functions:
                 "best_gradient": tf.where(improved4, gradient, state["best_gradient"]),
                 "best_loss": tf.where(improved, value, state["best_loss"]),
             }
+            new_state.update(keep_candidate(state, candidate, failures, point_margin))
             curve = tf.stack([tf.reduce_mean(tf.cast(best_margin >= 0, tf.float32)),
                               tf.reduce_mean(value), tf.reduce_mean(state["eta"])])
             return new_state, stats, curve
@@ -156,11 +213,16 @@ _FUNCTION_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def compiled_functions(model, loss: str, norm: str, eot_iter: int, targeted: bool,
-                       index_aware: bool, compile: bool = True) -> _Functions:
+                       index_aware: bool, compile: bool = True, judge=None,
+                       draws_per_call: int = 1) -> _Functions:
     """The cached APGD functions of ``model`` for one configuration (built on first use).
     Models that cannot be weakly referenced, and bound methods (a new object at each access),
-    get fresh functions each time."""
-    key = (loss, norm, int(eot_iter), bool(targeted), bool(index_aware), bool(compile))
+    get fresh functions each time. ``judge``: the deployed forward pass (see the module);
+    ``draws_per_call``: EOT draws stacked into one model call."""
+    if draws_per_call < 1:
+        raise ValueError(f"draws_per_call must be >= 1, got {draws_per_call}")
+    key = (loss, norm, int(eot_iter), bool(targeted), bool(index_aware), bool(compile), judge,
+           int(draws_per_call))
     cacheable = not hasattr(model, "__self__")
     if cacheable:
         try:
@@ -176,17 +238,20 @@ def compiled_functions(model, loss: str, norm: str, eot_iter: int, targeted: boo
 
 def _apgd_once(functions, images, labels, targets, index, eps, norm, steps, generator):
     """One APGD run from a random start on one chunk. Returns (best_adv, best_margin,
-    robust [steps + 1], losses [steps + 1], etas [steps], stats [3]) as tensors."""
+    robust [steps + 1], losses [steps + 1], etas [steps], stats [3], (candidate,
+    candidate_failures, candidate_margin))."""
     batch = int(images.shape[0])
     marks = set(checkpoints(steps))
     eps_tensor = tf.constant(eps, tf.float32)
     start_points = random_start(images, eps_tensor, norm, generator)
-    value, point_margin, gradient, stats = functions.start(start_points, labels, targets, index)
+    value, point_margin, gradient, stats, failures = functions.start(start_points, labels,
+                                                                     targets, index)
     state = {"current": start_points, "previous": start_points, "gradient": gradient,
              "value": value, "eta": tf.fill([batch, 1, 1, 1], 2.0 * eps),
              "increases": tf.zeros([batch], tf.float32), "best_adv": start_points,
              "best_margin": point_margin, "best_point": start_points,
-             "best_gradient": gradient, "best_loss": value}
+             "best_gradient": gradient, "best_loss": value, "candidate": start_points,
+             "candidate_failures": failures, "candidate_margin": point_margin}
     curves = [tf.stack([tf.reduce_mean(tf.cast(point_margin >= 0, tf.float32)),
                         tf.reduce_mean(value), 0.0])]
     halved_last = tf.zeros([batch], tf.bool)
@@ -212,7 +277,8 @@ def _apgd_once(functions, images, labels, targets, index, eps, norm, steps, gene
             halved_last, best_loss_at_check, last_check = halve, state["best_loss"], iteration
     curves = tf.stack(curves).numpy()
     return (state["best_adv"], state["best_margin"], curves[:, 0], curves[:, 1],
-            curves[1:, 2], stats)
+            curves[1:, 2], stats, (state["candidate"], state["candidate_failures"],
+                                   state["candidate_margin"]))
 
 
 def _check_inputs(images, labels, eps, norm, steps, restarts, eot_iter):
@@ -230,10 +296,14 @@ def _check_inputs(images, labels, eps, norm, steps, restarts, eot_iter):
 class _Accumulator:
     """Results of several APGD runs over subsets of one set of N examples."""
 
-    def __init__(self, images, steps):
+    def __init__(self, images, steps, eot_iter):
         self.count = len(images)
         self.adversarial = images.copy()
         self.best_margin = np.full(self.count, np.inf, np.float32)
+        self.candidates = images.copy()
+        self.candidate_failures = np.zeros(self.count, np.int64)
+        self.candidate_margin = np.full(self.count, np.inf, np.float32)
+        self.eot_iter = eot_iter
         self.targets = np.full(self.count, -1, np.int64)
         self.steps = steps
         self.robust, self.losses, self.etas = [], [], []
@@ -253,7 +323,21 @@ class _Accumulator:
             step_sizes=np.array(self.etas),
             zero_gradient_fraction=float(self.stats[1]) / total,
             nonfinite_gradients=int(self.stats[0]), gradient_calls=self.calls,
-            target_labels=self.targets)
+            target_labels=self.targets, candidates=self.candidates,
+            candidate_failures=self.candidate_failures, broken=self.broken)
+
+    @property
+    def broken(self) -> np.ndarray:
+        return self.candidate_failures >= self.eot_iter
+
+    def keep_candidates(self, positions, points, failures, margins):
+        better = (failures > self.candidate_failures[positions]) | (
+            (failures == self.candidate_failures[positions]) & (failures > 0)
+            & (margins < self.candidate_margin[positions]))
+        chosen = positions[better]
+        self.candidates[chosen] = points[better]
+        self.candidate_failures[chosen] = failures[better]
+        self.candidate_margin[chosen] = margins[better]
 
 
 def _run(accumulator, functions, images, labels, eps, norm, steps, restarts, eot_iter,
@@ -261,8 +345,10 @@ def _run(accumulator, functions, images, labels, eps, norm, steps, restarts, eot
     """APGD with restarts on ``images[positions]`` (positions into the full set, which the
     index-aware model sees), updating ``accumulator``.
 
-    ``keep_first_success``: an example already broken (best margin < 0) keeps its point even if
-    this run finds a lower margin (APGD-T keeps the first target that succeeds)."""
+    Later restarts (and, with ``keep_first_success``, this run) skip the examples already
+    broken in every draw (``_Accumulator.broken``), not those with a negative mean margin.
+    ``keep_first_success``: a broken example keeps its point (APGD-T keeps the first target
+    that succeeds)."""
     batch_size = batch_size or max(len(positions), 1)
     first_row = len(accumulator.robust)
     for _ in range(restarts):
@@ -270,19 +356,17 @@ def _run(accumulator, functions, images, labels, eps, norm, steps, restarts, eot
     for start in range(0, len(positions), batch_size):
         chunk = positions[start:start + batch_size]
         for restart in range(restarts):
-            todo = chunk if restart == 0 else chunk[accumulator.best_margin[chunk] >= 0]
+            todo = chunk if restart == 0 and not keep_first_success else chunk[
+                ~accumulator.broken[chunk]]
             if todo.size == 0:
                 continue
-            if keep_first_success:
-                todo = todo[accumulator.best_margin[todo] >= 0]
-                if todo.size == 0:
-                    continue
             chunk_targets = labels[todo] if targets is None else targets[todo]
-            found, found_margin, robust, losses, etas, stats = _apgd_once(
+            found, found_margin, robust, losses, etas, stats, candidate = _apgd_once(
                 functions, tf.constant(images[todo]), tf.constant(labels[todo]),
                 tf.constant(chunk_targets), tf.constant(todo, tf.int64), float(eps), norm,
                 steps, generator)
             found_margin = found_margin.numpy()
+            accumulator.keep_candidates(todo, *(value.numpy() for value in candidate))
             better = found_margin < accumulator.best_margin[todo]
             accumulator.adversarial[todo[better]] = found.numpy()[better]
             accumulator.best_margin[todo[better]] = found_margin[better]
@@ -303,7 +387,8 @@ def _run(accumulator, functions, images, labels, eps, norm, steps, restarts, eot
 def apgd(model, images, labels, eps: float, norm: str = "linf", steps: int = 100,
          loss: str = "ce", restarts: int = 1, eot_iter: int = 1, target_labels=None,
          seed: int = 0, batch_size: int | None = None, progress=None,
-         compile: bool = True, index_aware: bool = False) -> APGDResult:
+         compile: bool = True, index_aware: bool = False, judge=None,
+         draws_per_call: int = 1) -> APGDResult:
     """Runs APGD on ``images`` against ``model``.
 
     Args:
@@ -324,6 +409,10 @@ def apgd(model, images, labels, eps: float, norm: str = "linf", steps: int = 100
       index_aware: call ``model(images, example_index)`` with int64 ``[B]`` positions of the
         examples in ``images`` (for a model whose randomness is fixed per example, such as an
         attacker who knows each example's noise draw).
+      judge: optional deployed forward pass (same signature as ``model``) that decides
+        margins, candidates and the returned points when ``model`` is a surrogate.
+      draws_per_call: EOT draws made in one model call on stacked copies of the batch (EOT
+        as a batch dimension; 1: one call per draw). The model must draw its noise per row.
 
     Returns:
       An ``APGDResult``.
@@ -336,8 +425,8 @@ def apgd(model, images, labels, eps: float, norm: str = "linf", steps: int = 100
         if target_labels.shape != labels.shape or np.any(target_labels == labels):
             raise ValueError("target_labels must be [N] and differ from the true labels")
     functions = compiled_functions(model, loss, norm, eot_iter, target_labels is not None,
-                                   index_aware, compile)
-    accumulator = _Accumulator(images, steps)
+                                   index_aware, compile, judge, draws_per_call)
+    accumulator = _Accumulator(images, steps, eot_iter)
     _run(accumulator, functions, images, labels, eps, norm, steps, restarts, eot_iter,
          target_labels, np.arange(len(images)), tf.random.Generator.from_seed(seed),
          batch_size, progress)
@@ -364,13 +453,15 @@ def clean_logits(model, images, eot_iter: int = 1, batch_size: int | None = None
 def apgd_targeted(model, images, labels, eps: float, norm: str = "linf", steps: int = 100,
                   eot_iter: int = 1, n_target_classes: int = 9, seed: int = 0,
                   restarts: int = 1, batch_size: int | None = None, progress=None,
-                  compile: bool = True, index_aware: bool = False) -> APGDResult:
+                  compile: bool = True, index_aware: bool = False, judge=None,
+                  draws_per_call: int = 1) -> APGDResult:
     """APGD-T (AutoAttack's targeted APGD): the targeted DLR loss, one run of ``steps``
     iterations (times ``restarts``) per target class.
 
     The targets of an example are its ``n_target_classes`` most likely wrong classes on the
-    clean image (logits averaged over ``eot_iter`` draws), tried in order of likelihood; each
-    target runs only on the examples no earlier target broke, and an example keeps the point of
+    clean image (logits averaged over ``eot_iter`` draws, of ``judge`` when given), tried in
+    order of likelihood; each target runs only on the examples no earlier target broke in every
+    draw (``APGDResult.broken``), and an example keeps the point of
     its first success (examples no target breaks keep their lowest-margin point overall).
     ``n_target_classes`` is capped at ``classes - 1``; the targeted DLR loss needs at least 4
     classes. Other arguments as ``apgd``; ``progress`` is told each chunk of each target run.
@@ -383,16 +474,17 @@ def apgd_targeted(model, images, labels, eps: float, norm: str = "linf", steps: 
     images, labels = _check_inputs(images, labels, eps, norm, steps, restarts, eot_iter)
     if n_target_classes < 1:
         raise ValueError(f"n_target_classes must be >= 1, got {n_target_classes}")
-    logits = clean_logits(model, images, eot_iter, batch_size, index_aware)
+    logits = clean_logits(model if judge is None else judge, images, eot_iter, batch_size, index_aware)
     num_classes = logits.shape[-1]
     if num_classes < 4:
         raise ValueError(f"the targeted DLR loss needs at least 4 classes, got {num_classes}")
-    functions = compiled_functions(model, "dlr", norm, eot_iter, True, index_aware, compile)
-    accumulator = _Accumulator(images, steps)
+    functions = compiled_functions(model, "dlr", norm, eot_iter, True, index_aware, compile,
+                                   judge, draws_per_call)
+    accumulator = _Accumulator(images, steps, eot_iter)
     generator = tf.random.Generator.from_seed(seed)
     for rank in range(1, min(n_target_classes, num_classes - 1) + 1):
         targets = top_wrong_classes(logits, labels, rank)
-        positions = np.flatnonzero(accumulator.best_margin >= 0)
+        positions = np.flatnonzero(~accumulator.broken)
         _run(accumulator, functions, images, labels, eps, norm, steps, restarts, eot_iter,
              targets, positions, generator, batch_size, progress, keep_first_success=True)
     return accumulator.result()

@@ -22,7 +22,15 @@ times (K independent noise draws) and averaging the K margins; a candidate repla
 point only if that mean margin is lower, or if it is misclassified in all K draws. An example
 counts as broken, and leaves the search, only when it is misclassified in every one of the K
 draws of one scoring (strict: a single lucky draw among K never counts). With ``K = 1`` this is
-the published attack. Run on the whole pipeline (``classifier(purifier(x))``, forward passes
+the published attack.
+
+No success is thrown away: every scored point misclassified in at least one draw is a
+*candidate*; each example keeps the one misclassified in the most draws of its scoring (ties:
+the lowest mean margin), returned beside the current point for the caller to verify with many
+fresh draws. ``confirm_draws = V`` (for a randomized model): an example whose scoring was
+wrong in all K draws leaves the search only if V further draws of that point are all wrong
+too; otherwise it keeps searching (a lucky scoring no longer ends the search). Run on the
+whole pipeline (``classifier(purifier(x))``, forward passes
 only) it is the check for gradient masking: if Square finds adversarial examples that the
 gradient attacks miss, the gradients were misleading.
 
@@ -104,6 +112,9 @@ class SquareResult:
       queries: int ``[N]``: candidates scored for each example, the initial point included.
       accepted: int ``[N]``: candidates that replaced the current point.
       model_calls: total model calls (each on a batch of the examples still searched).
+      candidates: float32 ``[N, H, W, C]``: per example the scored point misclassified in the
+        most draws of its scoring (the clean image where none was).
+      candidate_failures: int ``[N]``: in how many of the ``eot_draws`` draws (0: none).
     """
 
     adversarial: np.ndarray
@@ -112,6 +123,8 @@ class SquareResult:
     queries: np.ndarray
     accepted: np.ndarray
     model_calls: int
+    candidates: np.ndarray | None = None
+    candidate_failures: np.ndarray | None = None
 
 
 # model -> compiled forward pass (unknown batch size), weak so it goes with the model.
@@ -225,7 +238,7 @@ def _candidates(rng, images, current, eps, norm, fraction):
 
 def square(model, images, labels, eps: float, norm: str = "linf", queries: int = 5000,
            p_init: float | None = None, eot_draws: int = 1, seed: int = 0, progress=False,
-           batch_size: int | None = None) -> SquareResult:
+           batch_size: int | None = None, confirm_draws: int = 0) -> SquareResult:
     """Runs the Square attack with ``queries`` iterations per example.
 
     Args:
@@ -242,6 +255,8 @@ def square(model, images, labels, eps: float, norm: str = "linf", queries: int =
       progress: False, True (a tqdm bar over queries) or a callable told ``progress(1)`` per
         iteration (the whole budget is reported even when every example breaks early).
       batch_size: examples per model call (default all).
+      confirm_draws: further draws that must all be wrong before an example wrong in every
+        draw of a scoring leaves the search (0: none, the published attack).
 
     Returns:
       A ``SquareResult``.
@@ -255,8 +270,9 @@ def square(model, images, labels, eps: float, norm: str = "linf", queries: int =
     p_init = DEFAULT_P_INIT if p_init is None else float(p_init)
     if not 0.0 < p_init <= 1.0:
         raise ValueError(f"p_init must be in (0, 1], got {p_init}")
-    if eot_draws < 1:
-        raise ValueError(f"eot_draws must be >= 1, got {eot_draws}")
+    if eot_draws < 1 or confirm_draws < 0:
+        raise ValueError(f"eot_draws must be >= 1 and confirm_draws >= 0, got {eot_draws} "
+                         f"and {confirm_draws}")
     images, labels = clean_batch(images, labels)
     count = len(images)
     batch_size = batch_size or max(count, 1)
@@ -267,10 +283,26 @@ def square(model, images, labels, eps: float, norm: str = "linf", queries: int =
     adversarial = _initial_point(rng, clean64, eps, norm)
     draws = _margins_per_draw(forward, adversarial, labels, eot_draws, batch_size)
     best = draws.mean(axis=0)
-    broken = np.all(draws < 0, axis=0)
+    candidates = _Candidates(images)
+    candidates.keep(np.arange(count), adversarial, draws)
     used = np.ones(count, np.int64)
     accepted = np.zeros(count, np.int64)
     calls = eot_draws * math.ceil(count / batch_size) if count else 0
+
+    def confirmed(positions, points, all_wrong):
+        """Of ``positions`` whose scoring was wrong in every draw, those that stay wrong in
+        ``confirm_draws`` more; counts the calls."""
+        nonlocal calls
+        result = np.array(all_wrong, bool)
+        check = np.flatnonzero(result)
+        if confirm_draws and check.size:
+            more = _margins_per_draw(forward, points[check], labels[positions[check]],
+                                     confirm_draws, batch_size)
+            calls += confirm_draws * math.ceil(check.size / batch_size)
+            result[check] = np.all(more < 0, axis=0)
+        return result
+
+    broken = confirmed(np.arange(count), adversarial, np.all(draws < 0, axis=0))
     try:
         for iteration in range(queries):
             active = np.flatnonzero(~broken)
@@ -283,13 +315,14 @@ def square(model, images, labels, eps: float, norm: str = "linf", queries: int =
             draws = _margins_per_draw(forward, candidate, labels[active], eot_draws,
                                       batch_size)
             calls += eot_draws * math.ceil(active.size / batch_size)
+            candidates.keep(active, candidate, draws)
             mean = draws.mean(axis=0)
-            candidate_broken = np.all(draws < 0, axis=0)
-            take = (mean < best[active]) | candidate_broken
+            all_wrong = np.all(draws < 0, axis=0)
+            take = (mean < best[active]) | all_wrong
             chosen = active[take]
             adversarial[chosen] = candidate[take]
             best[chosen] = mean[take]
-            broken[chosen] = candidate_broken[take]
+            broken[chosen] = confirmed(chosen, candidate[take], all_wrong[take])
             accepted[chosen] += 1
             used[active] += 1
             tick(1)
@@ -297,7 +330,29 @@ def square(model, images, labels, eps: float, norm: str = "linf", queries: int =
         if bar is not None:
             bar.close()
     return SquareResult(adversarial=adversarial, margin=best, broken=broken, queries=used,
-                        accepted=accepted, model_calls=int(calls))
+                        accepted=accepted, model_calls=int(calls),
+                        candidates=candidates.points, candidate_failures=candidates.failures)
+
+
+class _Candidates:
+    """Per example the scored point misclassified in the most draws (ties: lowest mean
+    margin); the clean image with 0 failures until one is seen."""
+
+    def __init__(self, images):
+        self.points = np.array(images, np.float32, copy=True)
+        self.failures = np.zeros(len(images), np.int64)
+        self.margin = np.full(len(images), np.inf)
+
+    def keep(self, positions, points, draws):
+        failures = np.sum(draws < 0, axis=0)
+        mean = draws.mean(axis=0)
+        held = self.failures[positions]
+        better = (failures > held) | ((failures == held) & (failures > 0)
+                                      & (mean < self.margin[positions]))
+        chosen = positions[better]
+        self.points[chosen] = points[better]
+        self.failures[chosen] = failures[better]
+        self.margin[chosen] = mean[better]
 
 
 def _progress(progress, total):

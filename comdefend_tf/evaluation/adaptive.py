@@ -7,8 +7,12 @@ rows, worst cases, masking, ablation, clean accuracy and gradient checks (``resu
 labels int ``[N]``; bad settings and missing models raise ValueError before any attack runs.
 
 What runs, per norm and eps, on the same N examples, and in which order: ``cascade``. Every
-adversarial set passes ``checks.check_adversarial`` before it is scored (``scoring``: K draws
-for a randomized ComDefend; strict / majority / mean; Wilson intervals).
+attack returns its final points and its candidates (points a deployed draw misclassified
+during the search); each set passes ``checks.check_adversarial`` and is verified with
+``verify_draws`` fresh draws on a randomized ComDefend (1 on a deterministic defense); per
+example the point wrong in the most draws counts, and the example is broken when its failure
+rate is significantly above 0 (``scoring.significantly_failing``: any wrong draw). Per-example
+failure rates go into the worst case (``failure_rates``).
 
 **Cascade** (default, as AutoAttack): each attack runs only on the examples every earlier
 attack left standing in the majority sense (right in more than half of the draws), a superset
@@ -18,8 +22,11 @@ ran (``n``). ``per_attack_rows=True`` runs every attack on every example instead
 Worst case per defense and eps: **strict** (the headline: right on the clean image and in every
 draw of every attack) and **majority**, both with Wilson intervals. Masking check: examples
 Square breaks although every gradient attack on the deployed pipeline
-(``threat_models.PIPELINE_GRADIENT``) ran on them and missed. The ablation runs ComDefend
-``bpda_eot`` APGD-CE at ``headline_eps`` over ``ablation_steps`` and ``ablation_eot``.
+(``threat_models.PIPELINE_GRADIENT``) ran on them and missed. Convergence (``ablation``):
+ComDefend ``bpda_eot`` APGD-CE at ``headline_eps`` on the first ``ablation_examples``
+examples, one ladder each over ``ablation_steps``, ``ablation_eot`` and ``ablation_restarts``
+(the others at the protocol's values), verified like the cascade; a ladder has plateaued
+when its last rung changed the verdict of fewer than ``PLATEAU_SHARE`` of the examples.
 """
 
 from __future__ import annotations
@@ -31,9 +38,9 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from comdefend_tf.evaluation import checks, cpu_time, scoring, seeds
+from comdefend_tf.evaluation import checks, convergence, cpu_time, scoring, seeds
 from comdefend_tf.evaluation import threat_models as threat_models_lib
-from comdefend_tf.evaluation.cascade import AttackPlan, adversarial_images
+from comdefend_tf.evaluation.cascade import AttackPlan, attack_points
 
 BASELINE_DEFENSES = ("jpeg", "bit_depth", "median")
 DEFENSES = ("none", "comdefend") + BASELINE_DEFENSES
@@ -43,11 +50,14 @@ LOSSES = ("ce", "t", "dlr")
 THREAT_MODELS = threat_models_lib.ADAPTIVE_PROTOCOL
 # Gradient attacks on the deployed pipeline, compared with Square by the masking check.
 PIPELINE_GRADIENT_THREAT_MODELS = threat_models_lib.PIPELINE_GRADIENT
-ROW_COLUMNS = ("threat_model", "attack", "norm", "eps", "steps", "eot", "restarts", "defense",
-               "n", "clean_acc", "undefended_success", "robust_acc_mean", "robust_acc_majority",
-               "robust_acc_strict", "ci_low", "ci_high", "standing_strict", "standing_majority",
+ROW_COLUMNS = ("threat_model", "attack", "norm", "eps", "steps", "eot", "restarts",
+               "temperature", "defense", "n", "clean_acc", "undefended_success",
+               "robust_acc_mean", "robust_acc_majority", "robust_acc_strict", "ci_low",
+               "ci_high", "standing_strict", "standing_majority", "broken_by_candidates",
                "cpu_seconds")
 WORST_CASE = "worst_case"
+# Convergence verdict: the last rung of a ladder changed fewer than this share of the examples.
+PLATEAU_SHARE = 0.01
 FIXED_NOISE_SAME_DRAW = "fixed_noise_same_draw"
 
 
@@ -71,6 +81,10 @@ class Protocol:
     defense; ``square_eot`` the draws Square scores each candidate over on a randomized
     defense (None: ``eot_samples``); ``target_classes`` APGD-T's targets; the ablation runs
     ComDefend ``bpda_eot`` APGD-CE at ``headline_eps`` on the first ``ablation_examples``.
+    ``verify_draws``: fresh draws each returned point and candidate is verified with on a
+    randomized ComDefend (and the clean images scored with); ``temperatures``: the
+    ``bpda_smooth`` threat model's T, one run each; ``draws_per_call``: APGD's EOT draws
+    stacked into one model call (EOT as a batch dimension).
     """
 
     eps: dict
@@ -87,7 +101,11 @@ class Protocol:
     defenses: Sequence[str] = DEFENSES
     ablation_steps: Sequence[int] = (50, 100, 200)
     ablation_eot: Sequence[int] = (1, 5, 20)
+    ablation_restarts: Sequence[int] = (1, 3)
     ablation_examples: int = 50
+    verify_draws: int = 20
+    temperatures: Sequence[float] = (5.0, 10.0, 20.0)
+    draws_per_call: int = 5
     batch_size: int = 500
     seed: int = 0
     per_attack_rows: bool = False
@@ -119,12 +137,18 @@ class Protocol:
         positive = {"steps": self.steps, "eot_samples": self.eot_samples,
                     "restarts": self.restarts, "square_queries": self.square_queries,
                     "batch_size": self.batch_size, "target_classes": self.target_classes,
-                    "square_eot": self.square_eot or 1}
+                    "square_eot": self.square_eot or 1, "verify_draws": self.verify_draws,
+                    "draws_per_call": self.draws_per_call}
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if any(v < 1 for v in tuple(self.ablation_steps) + tuple(self.ablation_eot)):
-            raise ValueError("ablation steps and EOT samples must be >= 1")
+        if any(v < 1 for v in tuple(self.ablation_steps) + tuple(self.ablation_eot)
+               + tuple(self.ablation_restarts)):
+            raise ValueError("ablation steps, EOT samples and restarts must be >= 1")
+        if not self.temperatures or any(not t > 0 for t in self.temperatures):
+            raise ValueError(f"temperatures must be > 0 (at least one), got "
+                             f"{list(self.temperatures)}")
+        self.temperatures = [float(t) for t in self.temperatures]
 
 
 @dataclasses.dataclass
@@ -167,6 +191,7 @@ class Evaluation(AttackPlan):
         self.masking: list[dict] = []
         self.clean: dict = {}
         self.ablation: list[dict] = []
+        self.plateau: dict | None = None
         self._predict: dict = {}
 
     # ------------------------------------------------------------------------ scoring
@@ -203,7 +228,7 @@ class Evaluation(AttackPlan):
             for name in protocol.defenses:
                 self._run_cascade(name, norm, eps, full, clean_correct[name], undefended_clean,
                                   say)
-        if protocol.ablation_steps or protocol.ablation_eot:
+        if protocol.ablation_steps or protocol.ablation_eot or protocol.ablation_restarts:
             if "comdefend" in protocol.defenses:
                 self._run_ablation(say)
         return self.results()
@@ -215,9 +240,11 @@ class Evaluation(AttackPlan):
         # Per attack: 1 survived, 0 broken, -1 not run (already out).
         outcomes = []
         broken_first = {}
+        failure_rates = np.zeros(count)
+        failed_under = [None] * count
         classifier = self._predict_fn("none")
         for attack in self.cascade(defense_name, norm, eps, full):
-            key = f"{attack.threat_model}/{attack.attack}"
+            key = attack.label
             if self.protocol.per_attack_rows:
                 indices = np.arange(count)
             else:
@@ -227,17 +254,20 @@ class Evaluation(AttackPlan):
             majority_outcome = np.full(count, -1, np.int8)
             row = {"threat_model": attack.threat_model, "attack": attack.attack, "norm": norm,
                    "eps": eps, "steps": attack.steps, "eot": attack.eot,
-                   "restarts": attack.restarts, "defense": defense_name, "n": int(len(indices)),
+                   "restarts": attack.restarts, "temperature": attack.temperature,
+                   "defense": defense_name, "n": int(len(indices)),
                    "clean_acc": self.clean[defense_name]["mean_acc"],
                    "scope": "all examples" if self.protocol.per_attack_rows else "cascade"}
             clock = cpu_time.CpuClock()
             if len(indices):
-                adversarial = attack.run(indices)
-                checks.check_adversarial(self.images[indices], adversarial, eps, norm)
+                adversarial, correct, rates, from_candidates = self._verify(
+                    defense_name, attack.run(indices), indices, eps, norm)
                 labels = self.labels[indices]
-                correct = self.score(defense_name, adversarial, labels)
-                strict, majority = scoring.robust_strictly(correct), scoring.robust_by_majority(
-                    correct)
+                strict, majority = rates == 0, scoring.robust_by_majority(correct)
+                for position, rate in zip(indices[rates > failure_rates[indices]],
+                                          rates[rates > failure_rates[indices]]):
+                    failure_rates[position], failed_under[position] = rate, key
+                row["broken_by_candidates"] = int(np.sum(from_candidates & ~strict))
                 strict_outcome[indices] = strict
                 majority_outcome[indices] = majority
                 newly = standing_strict[indices] & ~strict
@@ -257,7 +287,7 @@ class Evaluation(AttackPlan):
             else:
                 row.update(robust_acc_mean=None, robust_acc_majority=None,
                            robust_acc_strict=None, ci_low=None, ci_high=None, majority_ci=None,
-                           undefended_success=None)
+                           undefended_success=None, broken_by_candidates=None)
             row.update(standing_strict=float(standing_strict.mean()),
                        standing_majority=float(standing_majority.mean()),
                        cpu_seconds=clock.seconds())
@@ -279,8 +309,27 @@ class Evaluation(AttackPlan):
             "majority_ci": list(majority_ci), "attacks": [f"{a.threat_model}/{a.attack}"
                                                           for a, _ in outcomes],
             "broken_first": broken_first, "full": full,
-            "robust_examples": np.flatnonzero(standing_strict).tolist()})
+            "robust_examples": np.flatnonzero(standing_strict).tolist(),
+            "verify_draws": self.draws(defense_name),
+            "failure_rates": [float(r) for r in failure_rates], "failed_under": failed_under})
         self._masking(defense_name, norm, eps, outcomes)
+
+    def _verify(self, defense_name, points, indices, eps, norm):
+        """Verifies every point set an attack returned (final points, candidates) on fresh
+        draws. Returns the chosen points ``[n, H, W, C]``, their correctness ``[V, n]``, each
+        example's failure rate ``[n]`` (0 exactly when not significantly failing) and
+        whether the chosen point was a candidate ``[n]``."""
+        points = [points] if isinstance(points, np.ndarray) else list(points)
+        for candidate_set in points:
+            checks.check_adversarial(self.images[indices], candidate_set, eps, norm)
+        labels = self.labels[indices]
+        choice, correct = scoring.strongest_point(
+            [self.score(defense_name, candidate_set, labels) for candidate_set in points])
+        chosen = np.stack(points)[choice, np.arange(len(indices))]
+        failures = scoring.failure_counts(correct)
+        rates = np.where(scoring.significantly_failing(failures, correct.shape[0]),
+                         failures / correct.shape[0], 0.0)
+        return chosen, correct, rates, choice > 0
 
     def _same_draw_row(self, row, adversarial, indices, noise):
         model = tf.function(threat_models_lib.fixed_noise_fn(
@@ -314,27 +363,29 @@ class Evaluation(AttackPlan):
         count = min(protocol.ablation_examples, len(self.images))
         indices = np.arange(count)
         attacked = self._attacked("bpda_eot", "comdefend")
-        settings = sorted({(s, protocol.eot_samples) for s in protocol.ablation_steps}
-                          | {(protocol.steps, k) for k in protocol.ablation_eot})
-        if not self.randomized:
-            settings = sorted({(s, 1) for s, _ in settings})
-        for steps, eot in settings:
-            say(f"ablation steps={steps} eot={eot}")
-            seed = seeds.attack_seed(protocol.seed, f"apgd-ce/steps={steps}/eot={eot}", "ce",
-                                     "bpda_eot", "linf", protocol.headline_eps, "comdefend")
+        ladders = convergence.rungs(protocol, self.randomized)
+        robust = {}
+        for steps, eot, restarts in sorted({s for rungs in ladders.values() for s in rungs},
+                                           key=lambda s: (s[0] * s[1] * s[2], s)):
+            say(f"convergence steps={steps} eot={eot} restarts={restarts}")
+            tag = f"apgd-ce/steps={steps}/eot={eot}" + (f"/restarts={restarts}"
+                                                         if restarts != 1 else "")
+            seed = seeds.attack_seed(protocol.seed, tag, "ce", "bpda_eot", "linf",
+                                     protocol.headline_eps, "comdefend")
             result = self._apgd(attacked, indices, "linf", protocol.headline_eps, "ce", eot,
-                                seed, steps=steps, label="ablation/comdefend")
-            adversarial = adversarial_images(result)
-            checks.check_adversarial(self.images[indices], adversarial, protocol.headline_eps,
-                                     "linf")
-            correct = self.score("comdefend", adversarial, self.labels[indices])
+                                seed, steps=steps, label="ablation/comdefend",
+                                restarts=restarts)
+            _, correct, rates, _ = self._verify("comdefend", attack_points(result), indices,
+                                                protocol.headline_eps, "linf")
             summary = scoring.summarize(correct)
-            self.ablation.append({"steps": steps, "eot": eot, "n": count,
+            robust[(steps, eot, restarts)] = rates == 0
+            self.ablation.append({"steps": steps, "eot": eot, "restarts": restarts, "n": count,
                                   "robust_acc_mean": summary["mean_acc"],
                                   "robust_acc_majority": summary["majority_acc"],
                                   "robust_acc_strict": summary["strict_acc"],
                                   "ci_low": summary["ci_low"], "ci_high": summary["ci_high"],
-                                  "robust": scoring.robust_strictly(correct)})
+                                  "robust": rates == 0})
+        self.plateau = convergence.verdict(ladders, robust, PLATEAU_SHARE)
 
     # ------------------------------------------------------------------------ results
     def ablation_summary(self) -> list[dict]:
@@ -352,7 +403,8 @@ class Evaluation(AttackPlan):
                 kept[worst["robust_examples"]] = True
                 robust &= kept[:count]
         rows = []
-        for entry in sorted(self.ablation, key=lambda e: (e["steps"] * e["eot"], e["steps"])):
+        for entry in sorted(self.ablation, key=lambda e: (e["steps"] * e["eot"] * e["restarts"],
+                                                          e["steps"], e["eot"])):
             robust &= entry["robust"]
             row = {key: value for key, value in entry.items() if key != "robust"}
             row["cumulative_worst_case"] = float(robust.mean())
@@ -371,7 +423,8 @@ class Evaluation(AttackPlan):
                 "ablation": self.ablation_summary(), "clean": self.clean,
                 "gradient_checks": self.gradient_checks, "gradient_checks_ok": not failed,
                 "masking": self.masking, "masking_warnings": self.masking_warnings(),
-                "convergence": self.convergence, "randomized": self.randomized,
+                "convergence": self.convergence, "convergence_verdict": self.plateau,
+                "randomized": self.randomized,
                 "cascade": not self.protocol.per_attack_rows, "n": int(len(self.images)),
                 "settings": settings_of(self.protocol)}
 

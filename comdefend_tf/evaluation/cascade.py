@@ -4,10 +4,14 @@ norm and eps, the ordered list of ``CascadeAttack``s, each with its attacked cal
 
 Order (cheap and strong first): the defense-independent images (``white_box`` on ``none``,
 ``oblivious``, ``transfer``: made once on every example, only scored per defense), then every
-other applicable threat model's APGD with each loss (CE, APGD-T, DLR), then Square
-(``gradient_free``). ``full=False`` (the sanity radii) runs APGD-CE ``oblivious``/``bpda_eot``
-only. ``run(indices)`` of an attack returns float32 adversarial images ``[len(indices), H, W,
-C]`` in [0, 1]; every APGD run's gradient check is recorded in ``gradient_checks``.
+other applicable threat model's APGD with each loss (CE, APGD-T, DLR; ``bpda_smooth`` once
+per temperature of ``protocol.temperatures``), then Square (``gradient_free``). ``full=False``
+(the sanity radii) runs APGD-CE ``oblivious``/``bpda_eot`` only. ``run(indices)`` of an
+attack returns a list of candidate sets, each float32 ``[len(indices), H, W, C]`` in [0, 1]:
+the attack's final points and the points a deployed draw misclassified during the search
+(``attack_points``); the evaluation verifies every one. Every APGD run's gradient check
+(including the share of the code its surrogate passes gradient through) is recorded in
+``gradient_checks``.
 """
 
 from __future__ import annotations
@@ -36,13 +40,31 @@ class CascadeAttack:
     steps: int
     eot: int
     restarts: int
-    run: Callable[[np.ndarray], np.ndarray]
+    run: Callable[[np.ndarray], list]
     same_draw_noise: np.ndarray | None = None  # fixed_noise: also scored with the attacker's draw
+    temperature: float | None = None  # bpda_smooth's T
+
+    @property
+    def label(self) -> str:
+        """``threat_model/attack``, the temperature included (``bpda_smooth(T=10)/apgd-ce``)."""
+        variant = (f"{self.threat_model}(T={self.temperature:g})"
+                   if self.temperature is not None else self.threat_model)
+        return f"{variant}/{self.attack}"
 
 
 def adversarial_images(result) -> np.ndarray:
     """The adversarial images of an ``APGDResult`` or a ``SquareResult``."""
     return np.asarray(result.adversarial, np.float32)
+
+
+def attack_points(result) -> list:
+    """Every point set of an ``APGDResult`` or ``SquareResult`` to verify: the final points,
+    then the candidates (points a deployed draw misclassified) where there are any."""
+    points = [adversarial_images(result)]
+    failures = getattr(result, "candidate_failures", None)
+    if failures is not None and np.any(failures > 0):
+        points.append(np.asarray(result.candidates, np.float32))
+    return points
 
 
 class AttackPlan:
@@ -71,6 +93,13 @@ class AttackPlan:
         return self.models.baselines[name]
 
     def draws(self, defense_name: str) -> int:
+        """Verification draws per point: ``protocol.verify_draws`` on a randomized ComDefend,
+        1 on a deterministic defense."""
+        return self.protocol.verify_draws if (defense_name == "comdefend"
+                                              and self.randomized) else 1
+
+    def attack_draws(self, defense_name: str) -> int:
+        """EOT draws of the attacks: ``protocol.eot_samples`` on a randomized ComDefend."""
         return self.protocol.eot_samples if (defense_name == "comdefend"
                                              and self.randomized) else 1
 
@@ -86,7 +115,8 @@ class AttackPlan:
                 size=(len(self.images),) + tuple(shape[1:]))).astype(np.float32)
         return self._fixed_noise
 
-    def _apgd(self, attacked, indices, norm, eps, loss, eot, seed, steps=None, label=""):
+    def _apgd(self, attacked, indices, norm, eps, loss, eot, seed, steps=None, label="",
+              restarts=None):
         protocol = self.protocol
         images, labels = self.images[indices], self.labels[indices]
         model = attacked.model
@@ -95,37 +125,42 @@ class AttackPlan:
             model = threat_models_lib.fixed_noise_fn(self.models.classifier,
                                                      self.models.purifier, noise)
         common = dict(eps=eps, norm=norm, steps=steps or protocol.steps, eot_iter=eot,
-                      seed=seed, batch_size=protocol.batch_size)
+                      seed=seed, batch_size=protocol.batch_size, judge=attacked.judge,
+                      draws_per_call=protocol.draws_per_call)
         if attacked.index_aware:
             common["index_aware"] = True
         if loss == "t":
             result = apgd_lib.apgd_targeted(model, images, labels,
                                             n_target_classes=protocol.target_classes, **common)
         else:
-            result = apgd_lib.apgd(model, images, labels, loss=loss, restarts=protocol.restarts,
-                                   **common)
-        check = scoring.gradient_check(result.zero_gradient_fraction, result.nonfinite_gradients)
+            result = apgd_lib.apgd(model, images, labels, loss=loss,
+                                   restarts=restarts or protocol.restarts, **common)
+        share = None if attacked.code_share is None else attacked.code_share(images)
+        check = scoring.gradient_check(result.zero_gradient_fraction, result.nonfinite_gradients,
+                                       code_share=share)
         check.update(attack=label, norm=norm, eps=float(eps), loss=loss, eot=int(eot),
                      gradient_calls=int(result.gradient_calls), examples=int(len(indices)))
         self.gradient_checks.append(check)
         return result
 
-    def _square(self, model, indices, norm, eps, eot, seed):
+    def _square(self, model, indices, norm, eps, eot, seed, confirm_draws=0):
         result = square_lib.square(model, self.images[indices], self.labels[indices], eps,
                                    norm=norm, queries=self.protocol.square_queries,
                                    eot_draws=eot, seed=seed,
-                                   batch_size=self.protocol.batch_size)
-        return adversarial_images(result)
+                                   batch_size=self.protocol.batch_size,
+                                   confirm_draws=confirm_draws)
+        return attack_points(result)
 
-    def _attacked(self, threat_model, defense_name):
-        """One attacked callable per (threat model, defense), reused at every eps (the
-        attacks cache their compiled steps per model)."""
-        key = (threat_model, defense_name)
+    def _attacked(self, threat_model, defense_name, temperature=None):
+        """One attacked callable per (threat model, defense, temperature), reused at every
+        eps (the attacks cache their compiled steps per model)."""
+        key = (threat_model, defense_name, temperature)
         if key not in self._attacked_models:
             self._attacked_models[key] = threat_models_lib.build(
                 threat_model, self.models.classifier, self.defense(defense_name),
                 second_classifier=self.models.second_classifier,
-                fixed_noise=self.fixed_noise() if threat_model == "fixed_noise" else None)
+                fixed_noise=self.fixed_noise() if threat_model == "fixed_noise" else None,
+                temperature=temperature)
         return self._attacked_models[key]
 
     def _shared_run(self, threat_model, loss, norm, eps, steps=None):
@@ -138,7 +173,7 @@ class AttackPlan:
                                      norm, eps, source)
             result = self._apgd(attacked, np.arange(len(self.images)), norm, eps, loss, 1, seed,
                                 steps=steps, label=f"{threat_model}/{source}")
-            self._shared[key] = adversarial_images(result)
+            self._shared[key] = attack_points(result)
         return self._shared[key]
 
     def cascade(self, defense_name: str, norm: str, eps: float, full: bool) -> list:
@@ -153,7 +188,7 @@ class AttackPlan:
             t for t in chosen if t != "gradient_free"]
         applicable = [t for t in candidates if threat_models_lib.applies(t, defense_name,
                                                                          defense)]
-        K = self.draws(defense_name)
+        K = self.attack_draws(defense_name)
         attacks = []
         # Defense-independent images first: made once for every defense, only scored here.
         for loss in losses:
@@ -162,22 +197,30 @@ class AttackPlan:
                     source = "oblivious" if threat_model == "white_box" else threat_model
                     attacks.append(CascadeAttack(
                         threat_model, ATTACK_NAMES[loss], protocol.steps, 1, protocol.restarts,
-                        lambda indices, source=source, loss=loss: self._shared_run(
-                            source, loss, norm, eps)[indices]))
+                        lambda indices, source=source, loss=loss: [
+                            points[indices] for points in self._shared_run(
+                                source, loss, norm, eps)]))
+        variants = []
+        for threat_model in applicable:
+            if threat_model in ("white_box", "oblivious", "transfer"):
+                continue
+            temperatures = (protocol.temperatures if threat_model
+                            in threat_models_lib.TEMPERATURE_DEPENDENT else [None])
+            variants += [(threat_model, temperature) for temperature in temperatures]
         for loss in losses:
-            for threat_model in applicable:
-                if threat_model in ("white_box", "oblivious", "transfer"):
-                    continue
+            for threat_model, temperature in variants:
                 fixed = threat_model == "fixed_noise"
-                attacked = self._attacked(threat_model, defense_name)
+                attacked = self._attacked(threat_model, defense_name, temperature)
                 eot = 1 if fixed else K
-                seed = seeds.attack_seed(protocol.seed, ATTACK_NAMES[loss], loss, threat_model,
-                                         norm, eps, defense_name)
+                name = (threat_model if temperature is None
+                        else f"{threat_model}(T={temperature:g})")
+                seed = seeds.attack_seed(protocol.seed, ATTACK_NAMES[loss], loss, name, norm,
+                                         eps, defense_name)
 
                 def run(indices, attacked=attacked, loss=loss, eot=eot, seed=seed,
-                        threat_model=threat_model):
+                        threat_model=threat_model, name=name):
                     result = self._apgd(attacked, indices, norm, eps, loss, eot, seed,
-                                        label=f"{threat_model}/{defense_name}")
+                                        label=f"{name}/{defense_name}")
                     if (defense_name == "comdefend" and threat_model == "bpda_eot"
                             and loss == "ce" and math.isclose(eps, protocol.headline_eps)):
                         self.convergence[f"{norm} eps={eps:g}"] = {
@@ -185,18 +228,20 @@ class AttackPlan:
                             "robust_curve": np.asarray(result.robust_curve).tolist(),
                             "loss_curve": np.asarray(result.loss_curve).tolist(),
                             "step_sizes": np.asarray(result.step_sizes).tolist()}
-                    return adversarial_images(result)
+                    return attack_points(result)
                 attacks.append(CascadeAttack(threat_model, ATTACK_NAMES[loss], protocol.steps,
                                              eot, protocol.restarts, run,
-                                             self.fixed_noise() if fixed else None))
+                                             self.fixed_noise() if fixed else None,
+                                             temperature))
         if full and "gradient_free" in protocol.threat_models:
             attacked = self._attacked("white_box" if undefended else "gradient_free",
                                       defense_name)
             square_eot = (protocol.square_eot or protocol.eot_samples) if K > 1 else 1
             seed = seeds.attack_seed(protocol.seed, "square", None, "gradient_free", norm, eps,
                                      defense_name)
+            confirm = self.draws(defense_name) if K > 1 else 0
             attacks.append(CascadeAttack(
                 "gradient_free", "square", protocol.square_queries, square_eot, 1,
                 lambda indices, model=attacked.model, square_eot=square_eot, seed=seed:
-                self._square(model, indices, norm, eps, square_eot, seed)))
+                self._square(model, indices, norm, eps, square_eot, seed, confirm)))
         return attacks

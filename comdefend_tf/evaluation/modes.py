@@ -10,7 +10,7 @@ The second run evaluates the retrained classifier behind the purifier under the 
 models, so its rows mean what the first run's mean with that classifier in place of the
 original: ``oblivious`` attacks the retrained classifier alone (the attacker knows the
 deployed classifier, not the purifier), ``bpda_eot``/``bpda_identity``/``soft_path``/
-``fixed_noise``/``gradient_free`` differentiate or query the whole pipeline with the retrained
+``bpda_smooth``/``fixed_noise``/``gradient_free`` differentiate or query the whole pipeline with the retrained
 classifier, ``transfer`` comes from the same second classifier. Its rows are renamed to the
 defense ``comdefend_train_test`` and carry every column of the others, plus ``classifier``
 (``original`` or ``purified``) on every row. The second run's ``undefended_success_rate`` /
@@ -158,7 +158,7 @@ def run_adaptive_modes(models: adaptive.Models, purified_classifier, images, lab
     test_time = adaptive.Evaluation(models, images, labels, protocol).run(progress)
     second = dataclasses.replace(models, classifier=purified_classifier, baselines={})
     second_protocol = dataclasses.replace(protocol, defenses=(TEST_TIME,), ablation_steps=(),
-                                          ablation_eot=())
+                                          ablation_eot=(), ablation_restarts=())
     train_test = adaptive.Evaluation(second, images, labels, second_protocol).run(
         lambda text: say(f"[{TRAIN_TEST}] {text}"))
     alone = scoring.correct_per_draw(threat_models.classifier_fn(purified_classifier), images,

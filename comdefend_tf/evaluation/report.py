@@ -21,7 +21,7 @@ import numpy as np
 
 from comdefend_tf import attacks as attacks_lib
 from comdefend_tf import optional
-from comdefend_tf.evaluation import adaptive, paper
+from comdefend_tf.evaluation import adaptive, convergence, paper
 from comdefend_tf.io.atomic import atomic_path, write_json_atomic, write_text_atomic
 
 RESULTS_JSON = "results.json"
@@ -275,10 +275,14 @@ def format_robustness_markdown(results: dict, metadata: dict) -> str:
     lines.append(
         f"Dataset `{metadata.get('dataset')}`, N = {n} held-out examples (the same in every "
         f"row), ComDefend randomized: {results['randomized']} (inference noise std "
-        f"{metadata.get('inference_noise_std')}); scoring draws per example: "
-        f"{settings['eot_samples'] if results['randomized'] else 1}. Accuracies in %. EOT: "
+        f"{metadata.get('inference_noise_std')}); verification draws per point: "
+        f"{settings['verify_draws'] if results['randomized'] else 1}. Accuracies in %. EOT: "
         "the APGD loss gradient is averaged over K noise draws per step (AutoAttack's form); "
-        "Square scores each candidate over its draws.")
+        "Square scores each candidate over its draws. No success is thrown away: every point "
+        "a deployed draw misclassified during an attack is a candidate, verified with the "
+        "final points on fresh draws; per example the point wrong in the most draws counts, "
+        "and the example is broken when its failure rate is significantly above 0 "
+        "(one-sided 95% Wilson lower bound > 0, i.e. any wrong draw).")
     if "modes" in settings:
         alone = settings["modes"]["purified_classifier_without_purifier"]
         lines.append("")
@@ -331,6 +335,7 @@ def format_robustness_markdown(results: dict, metadata: dict) -> str:
             f"{_pct(row['robust_acc_majority'])} | [{_pct(row['majority_ci'][0])}, "
             f"{_pct(row['majority_ci'][1])}] | {len(row['attacks'])} | {broken or '-'} |")
     lines.append("")
+    lines += failure_rate_lines(results["worst_case"])
     lines.append("## Every attack")
     lines.append("")
     lines.append(f"`{adaptive.FIXED_NOISE_SAME_DRAW}`: the fixed-noise examples scored with "
@@ -357,6 +362,8 @@ def format_robustness_markdown(results: dict, metadata: dict) -> str:
                 cells.append(f"{value:g}")
             elif key == "cpu_seconds":
                 cells.append("-" if value is None else f"{value:.1f}")
+            elif value is None:
+                cells.append("-")
             else:
                 cells.append(str(value))
         lines.append("| " + " | ".join(cells) + " |")
@@ -374,21 +381,35 @@ def format_robustness_markdown(results: dict, metadata: dict) -> str:
     lines.append("")
     checks = results["gradient_checks"]
     failed = [c for c in checks if not c["ok"]]
-    verdict = ("all gradients finite and non-zero (at most 1% zero)" if not failed
-               else f"{len(failed)} runs FAILED")
+    verdict = ("all gradients finite, non-zero (at most 1% zero) and, through ComDefend's "
+               "code, on at least a tenth of it" if not failed else f"{len(failed)} runs FAILED")
     lines.append(f"Gradient check: {len(checks)} APGD runs, {verdict}; worst zero-gradient "
                  f"fraction {max([c['zero_gradient_fraction'] for c in checks] or [0]):.4f}, "
                  f"non-finite gradients {sum(c['nonfinite_gradients'] for c in checks)}.")
+    shares = {}
+    for check in checks:
+        if check.get("code_gradient_share") is not None:
+            name = check["attack"].split("/")[0]
+            shares[name] = min(shares.get(name, 1.0), check["code_gradient_share"])
+    if shares:
+        lines.append("Share of the code the surrogate's backward pass carries gradient through "
+                     "(derivative >= 1% of its peak; lowest over runs): " + ", ".join(
+                         f"{name} {_pct(share)} %" for name, share in shares.items()) + ".")
+    for check in failed:
+        lines.append(f"- FAILED {check['attack']} {check['norm']} eps={check['eps']:g} "
+                     f"{check['loss']}: {'; '.join(check.get('reasons', []))}")
     lines.append("")
     if results["ablation"]:
-        lines.append(f"### Ablation at L-inf eps = {settings['headline_eps']:g} (ComDefend, "
+        lines.append(f"### Convergence at L-inf eps = {settings['headline_eps']:g} (ComDefend, "
                      f"bpda_eot, APGD-CE, first {results['ablation'][0]['n']} examples)")
         lines.append("")
-        lines.append("| steps | eot | n | mean | majority | strict | 95% CI (strict) | "
+        lines += convergence.markdown_lines(results.get("convergence_verdict"))
+        lines.append("| steps | eot | restarts | n | mean | majority | strict | 95% CI (strict) | "
                      "cumulative strict worst case |")
-        lines.append("|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         for row in results["ablation"]:
-            lines.append(f"| {row['steps']} | {row['eot']} | {row['n']} | "
+            lines.append(f"| {row['steps']} | {row['eot']} | {row.get('restarts', 1)} | "
+                         f"{row['n']} | "
                          f"{_pct(row['robust_acc_mean'])} | {_pct(row['robust_acc_majority'])} "
                          f"| {_pct(row['robust_acc_strict'])} | [{_pct(row['ci_low'])}, "
                          f"{_pct(row['ci_high'])}] | {_pct(row['cumulative_worst_case'])} |")
@@ -405,6 +426,22 @@ def format_robustness_markdown(results: dict, metadata: dict) -> str:
     lines.append("")
     lines.append(f"Run: {json.dumps(_jsonable({k: v for k, v in metadata.items()}))}")
     return "\n".join(lines) + "\n"
+
+
+def failure_rate_lines(worst_rows: list[dict]) -> list[str]:
+    """Per worst-case row, the broken examples by verified failure rate."""
+    lines = []
+    for row in sorted(worst_rows, key=lambda r: (r["norm"], r["eps"], r["defense"])):
+        rates = np.asarray(row.get("failure_rates") or [], float)
+        broken = rates[rates > 0]
+        if row.get("verify_draws", 1) <= 1 or not broken.size:
+            continue
+        lines.append(f"- {row['norm']} eps={row['eps']:g} {row['defense']}: {broken.size} "
+                     f"example(s) broken, verified over {row['verify_draws']} draws; failure "
+                     f"rate < 10%: {int(np.sum(broken < 0.1))}, 10-50%: "
+                     f"{int(np.sum((broken >= 0.1) & (broken < 0.5)))}, >= 50%: "
+                     f"{int(np.sum(broken >= 0.5))} (per example in the JSON: failure_rates)")
+    return lines + [""] if lines else []
 
 
 def plot_worst_case(results: dict, path: str) -> str:

@@ -12,6 +12,14 @@ which gives a correctness matrix bool ``[K, N]``. From it:
   deployed pipeline makes one draw per request and an attacker can resubmit, so strict is the
   headline: per example strict <= majority, and both come with 95% Wilson intervals.
 
+**Verification.** An attack returns several points per example (its final point and the
+candidates a deployed draw misclassified during the search); each is classified in V fresh
+draws and the example keeps the point wrong in the most (``strongest_point``). Its failure
+rate is ``failures / V``; it counts as broken when that rate is significantly above zero: the
+one-sided 95% Wilson lower bound is above 0 (``significantly_failing``), which holds exactly
+when at least one of the V draws was wrong, so one failure in 20 draws is a failure. This is
+the strict sense.
+
 The worst case over attacks is per example: an example is robust only if it survives every
 attack (and is correct on the clean image), strictly (every draw of every attack) or by
 majority vote (a majority of the draws of each attack), reported side by side.
@@ -25,6 +33,9 @@ from typing import Mapping
 import numpy as np
 
 Z_95 = 1.959963984540054
+Z_95_ONE_SIDED = 1.6448536269514722
+# Gradient check: a code surrogate must carry gradient through at least this share of the code.
+MIN_CODE_SHARE = 0.1
 
 
 def wilson_interval(successes: int, total: int, z: float = Z_95) -> tuple[float, float]:
@@ -59,6 +70,26 @@ def correct_per_draw(predict, images, labels, draws: int, batch_size: int = 256)
             correct[draw, start:start + batch_size] = (
                 logits.argmax(axis=-1) == labels[start:start + batch_size])
     return correct
+
+
+def failure_counts(correct) -> np.ndarray:
+    """int ``[N]``: draws in which each example was misclassified (``correct`` ``[V, N]``)."""
+    return (~_check_matrix(correct)).sum(axis=0)
+
+
+def significantly_failing(failures, draws: int, z: float = Z_95_ONE_SIDED) -> np.ndarray:
+    """bool ``[N]``: the failure rate ``failures / draws`` is significantly above 0 (the
+    one-sided Wilson lower bound at ``z`` is above 0; true exactly when ``failures >= 1``)."""
+    return np.array([wilson_interval(int(k), int(draws), z)[0] > 0.0
+                     for k in np.atleast_1d(failures)], bool)
+
+
+def strongest_point(corrects) -> tuple[np.ndarray, np.ndarray]:
+    """Of several points per example, each scored bool ``[V, N]``, the one wrong in the most
+    draws (ties: the first). Returns ``(choice int [N], correct bool [V, N])``."""
+    stacked = np.stack([_check_matrix(c) for c in corrects])  # [points, V, N]
+    choice = np.argmax((~stacked).sum(axis=1), axis=0)
+    return choice, stacked[choice, :, np.arange(stacked.shape[2])].T
 
 
 def _check_matrix(correct) -> np.ndarray:
@@ -134,9 +165,23 @@ def worst_case(survived: Mapping[str, np.ndarray]) -> dict:
             "ci_low": low, "ci_high": high, "decisive": decisive}
 
 
-def gradient_check(zero_fraction: float, nonfinite: int, tolerance: float = 0.01) -> dict:
-    """Sanity verdict on the gradients an attack used: all finite, and exactly-zero gradients
-    in at most ``tolerance`` of (example, step) pairs (zero gradients mean the attack was
-    blind there: a masked or saturated pipeline)."""
+def gradient_check(zero_fraction: float, nonfinite: int, tolerance: float = 0.01,
+                   code_share: float | None = None,
+                   min_code_share: float = MIN_CODE_SHARE) -> dict:
+    """Sanity verdict on the gradients an attack used: all finite, exactly-zero gradients in at
+    most ``tolerance`` of (example, step) pairs (zero gradients mean the attack was blind
+    there: a masked or saturated pipeline), and, for a surrogate of ComDefend's binarizer,
+    gradient through at least ``min_code_share`` of the code (``code_share``, from
+    ``threat_models.code_share_fn``; a gradient non-zero on a tiny share of the code is as
+    blind as a zero one). ``reasons`` says what failed."""
+    reasons = []
+    if nonfinite:
+        reasons.append(f"{int(nonfinite)} non-finite gradients")
+    if zero_fraction > tolerance:
+        reasons.append(f"zero gradients in {zero_fraction:.1%} of (example, step) pairs")
+    if code_share is not None and code_share < min_code_share:
+        reasons.append(f"gradient through only {code_share:.1%} of the code "
+                       f"(< {min_code_share:.0%})")
     return {"zero_gradient_fraction": float(zero_fraction), "nonfinite_gradients": int(nonfinite),
-            "ok": bool(nonfinite == 0 and zero_fraction <= tolerance)}
+            "code_gradient_share": None if code_share is None else float(code_share),
+            "reasons": reasons, "ok": not reasons}

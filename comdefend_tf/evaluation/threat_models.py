@@ -15,7 +15,11 @@ bpda_eot       ``classifier(defense(x))`` with the deployed forward pass and the
 bpda_identity  ``classifier(x + stop_gradient(defense(x) - x))``: the whole purifier is the
                identity in the backward pass (Athalye et al. 2018), EOT over noise draws
 soft_path      ComDefend with ``sigmoid(noisy logits)`` in place of the threshold (the exact
-               gradient of a smooth surrogate); scored on the deployed (hard) pipeline
+               gradient of a smooth surrogate); the deployed (hard) pipeline judges what the
+               attack keeps (``judge``) and scores it
+bpda_smooth    ComDefend's hard bits forward, ``sigmoid(noisy logits / T)`` backward, one
+               run per temperature T (trained logits sit far from 0, where the sigmoid at
+               T = 1 passes gradient through few bits)
 fixed_noise    ComDefend with each example's noise draw fixed and known to the attacker
 transfer       a second, independently trained classifier
 gradient_free  Square: forward passes of the deployed pipeline only
@@ -23,6 +27,11 @@ gradient_free  Square: forward passes of the deployed pipeline only
 
 ``adaptive``, the paper protocol's former name of ``bpda_eot``, is accepted by ``resolve``
 with a ``DeprecationWarning``.
+
+Every surrogate's forward pass that decides what an attack keeps is the deployed one: the
+straight-through ones (``bpda_*``) compute the deployed values forward; ``soft_path``, whose
+forward pass is not, carries the deployed pipeline as its ``judge``. ``code_share`` measures
+on how much of the code a surrogate's backward pass carries gradient (``CODE_SHARE_LEVEL``).
 
 EOT comes in two forms, and each protocol says which it used: the adaptive protocol's APGD
 averages the loss gradient over K draws per step (AutoAttack's form, ``eot_iter``); the paper
@@ -40,11 +49,12 @@ import tensorflow as tf
 from keras import ops
 
 from comdefend_tf.evaluation import baselines
+from comdefend_tf.layers import hard_threshold
 
 # The vocabulary: every threat model of every protocol. Everything else (the protocols'
 # lists, the binaries' flag choices and help) is derived from this tuple.
 THREAT_MODELS = ("white_box", "oblivious", "bpda_eot", "bpda_identity", "soft_path",
-                 "fixed_noise", "transfer", "gradient_free")
+                 "bpda_smooth", "fixed_noise", "transfer", "gradient_free")
 DEPRECATED_ALIASES = {"adaptive": "bpda_eot"}
 # The threat model of every row on the undefended classifier: assigned, never chosen.
 UNDEFENDED_THREAT_MODEL = THREAT_MODELS[0]
@@ -52,7 +62,12 @@ UNDEFENDED_THREAT_MODEL = THREAT_MODELS[0]
 # (attack, eps) and scored on every defense.
 DEFENSE_INDEPENDENT = ("oblivious", "transfer")
 # Threat models that need ComDefend's own forward options (code path, noise).
-COMDEFEND_ONLY = ("soft_path", "fixed_noise")
+COMDEFEND_ONLY = ("soft_path", "bpda_smooth", "fixed_noise")
+# Threat models run once per temperature of the smoothed binarizer.
+TEMPERATURE_DEPENDENT = ("bpda_smooth",)
+# A code element passes gradient when the surrogate's derivative there is at least this share
+# of its peak (sigmoid(l / T): |l| <= about 6 T).
+CODE_SHARE_LEVEL = 0.01
 # Threat models that need more than the classifier and the defense: a second classifier.
 NEEDS_SECOND_CLASSIFIER = ("transfer",)
 # Threat models whose attack only queries the deployed pipeline (no gradient).
@@ -73,7 +88,10 @@ DIFFERENTIATES = {
                 "straight-through or real gradient backward, EOT over noise draws",
     "bpda_identity": "classifier(x + stop_gradient(defense(x) - x)): the whole defense is the "
                      "identity backward (BPDA, Athalye et al.), EOT over noise draws",
-    "soft_path": "classifier(ComDefend with the soft code sigmoid(noisy logits)), EOT",
+    "soft_path": "classifier(ComDefend with the soft code sigmoid(noisy logits)), EOT; the "
+                 "deployed pipeline judges what is kept",
+    "bpda_smooth": "classifier(defense(x)) with the hard bits forward and sigmoid(noisy "
+                   "logits / T) backward, per temperature T, EOT",
     "fixed_noise": "classifier(ComDefend with each example's known noise draw)",
     "transfer": "a second, independently trained classifier",
     "gradient_free": "nothing: forward passes of the deployed pipeline only (Square)",
@@ -114,6 +132,11 @@ class AttackedModel:
       differentiates: what the attack's gradient (or query) goes through, in words.
       randomized: the callable draws fresh noise at each call (attacks need EOT).
       index_aware: ``model`` takes the examples' positions as a second argument.
+      judge: the deployed forward pass (same signature as ``model``) where ``model``'s own
+        forward pass is not deployed (``soft_path``): it decides what the attack keeps.
+      code_share: ``images -> float``, the share of the code elements through which the
+        backward pass carries gradient (None: no code surrogate, e.g. ``bpda_identity``).
+      temperature: ``bpda_smooth``'s T.
     """
 
     threat_model: str
@@ -121,6 +144,9 @@ class AttackedModel:
     differentiates: str
     randomized: bool = False
     index_aware: bool = False
+    judge: Callable | None = None
+    code_share: Callable | None = None
+    temperature: float | None = None
 
 
 def logits_fn(classifier, defense=None, **forward_options) -> Callable:
@@ -156,6 +182,41 @@ def fixed_noise_fn(classifier, purifier, noise) -> Callable:
     return logits
 
 
+def smoothed_binarizer_fn(classifier, purifier, temperature: float) -> Callable:
+    """``images -> logits`` of the deployed pipeline (hard bits, the inference noise) whose
+    backward pass through the binarizer is ``sigmoid(noisy_logits / temperature)``'s."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+    def logits(images):
+        images = ops.convert_to_tensor(images)
+        noisy = purifier.code_noise(purifier.encoder(images, training=False), training=False)
+        smooth = ops.sigmoid(noisy / temperature)
+        code = hard_threshold(noisy) + (smooth - ops.stop_gradient(smooth))
+        return classifier(purifier.decoder(code, training=False), training=False)
+    return logits
+
+
+def code_share_fn(purifier, temperature: float | None) -> Callable:
+    """``images -> float``: the share of code elements (one draw of the noisy logits) where
+    the surrogate's derivative is at least ``CODE_SHARE_LEVEL`` of its peak; ``temperature``
+    None is the identity straight-through estimator (every element)."""
+    def share(images):
+        if temperature is None:
+            return 1.0
+        noisy = purifier.forward(images)["noisy_logits"]
+        smooth = ops.sigmoid(ops.cast(noisy, "float32") / temperature)
+        relative = 4.0 * smooth * (1.0 - smooth)  # sigmoid'(l / T) over its peak 1/4
+        return float(ops.convert_to_numpy(ops.mean(ops.cast(relative >= CODE_SHARE_LEVEL,
+                                                            "float32"))))
+    return share
+
+
+def _binarizer_temperature(purifier):
+    """The deployed binarizer's straight-through gradient as a temperature (None: identity)."""
+    return 1.0 if getattr(purifier.binarize, "gradient", "identity") == "sigmoid" else None
+
+
 def applies(threat_model: str, defense_name: str, defense) -> bool:
     """Whether ``threat_model`` is a distinct attack on this defense: ``white_box`` only on the
     undefended classifier (with ``gradient_free`` and ``transfer``), the defense-dependent ones only on a real defense, ComDefend's
@@ -170,6 +231,8 @@ def applies(threat_model: str, defense_name: str, defense) -> bool:
         return threat_model in ("gradient_free", "transfer")
     if threat_model in COMDEFEND_ONLY and not hasattr(defense, "forward"):
         return False
+    if threat_model == "bpda_smooth":  # only where the deployed code is bits
+        return defense.config.inference_mode == "hard"
     if threat_model == "fixed_noise":
         return baselines.is_randomized(defense)
     if threat_model == "bpda_identity":
@@ -179,7 +242,7 @@ def applies(threat_model: str, defense_name: str, defense) -> bool:
 
 
 def build(threat_model: str, classifier, defense=None, second_classifier=None,
-          fixed_noise=None) -> AttackedModel:
+          fixed_noise=None, temperature: float | None = None) -> AttackedModel:
     """The callable an attack differentiates under ``threat_model`` (see the module table).
 
     Args:
@@ -187,6 +250,7 @@ def build(threat_model: str, classifier, defense=None, second_classifier=None,
       classifier: images -> logits. defense: a layer images -> images (None: undefended).
       second_classifier: the source model of ``transfer``.
       fixed_noise: ``fixed_noise``'s per-example draws, float ``[N, h, w, code_channels]``.
+      temperature: ``bpda_smooth``'s T (> 0).
 
     Raises:
       ValueError: an unknown name, or what the threat model needs is missing.
@@ -203,8 +267,12 @@ def build(threat_model: str, classifier, defense=None, second_classifier=None,
         return AttackedModel(name, logits_fn(second_classifier), describe)
     if defense is None:
         raise ValueError(f"threat model {name} attacks a defense; none was given")
+    comdefend = hasattr(defense, "forward") and hasattr(defense, "binarize")
     if name in ("bpda_eot", "gradient_free"):
-        return AttackedModel(name, logits_fn(classifier, defense), describe, randomized)
+        share = (code_share_fn(defense, _binarizer_temperature(defense))
+                 if comdefend and name == "bpda_eot" else None)
+        return AttackedModel(name, logits_fn(classifier, defense), describe, randomized,
+                             code_share=share)
     if name == "bpda_identity":
         purify = identity_backward(defense)
         return AttackedModel(name, lambda images: classifier(purify(images), training=False),
@@ -214,8 +282,16 @@ def build(threat_model: str, classifier, defense=None, second_classifier=None,
                          f"{type(defense).__name__}")
     if name == "soft_path":
         return AttackedModel(name, logits_fn(classifier, defense, mode="soft"), describe,
-                             randomized)
+                             randomized, judge=logits_fn(classifier, defense),
+                             code_share=code_share_fn(defense, 1.0))
+    if name == "bpda_smooth":
+        if temperature is None:
+            raise ValueError("threat model bpda_smooth needs a temperature")
+        return AttackedModel(name, smoothed_binarizer_fn(classifier, defense, temperature),
+                             describe, randomized, code_share=code_share_fn(defense, temperature),
+                             temperature=float(temperature))
     if fixed_noise is None:
         raise ValueError("threat model fixed_noise needs the per-example noise draws")
     return AttackedModel(name, fixed_noise_fn(classifier, defense, fixed_noise), describe,
-                         False, index_aware=True)
+                         False, index_aware=True,
+                         code_share=code_share_fn(defense, _binarizer_temperature(defense)))

@@ -5,8 +5,9 @@ A record holds ``image/encoded`` (PNG or JPEG bytes) and, optionally, ``image/cl
 ``image/format``, ``image/source_key`` and the packed code bits (``image/code_bits``,
 ``image/code_channels``): the layout the Beam purifier writes and TF Model Garden reads.
 ``to_example``/``unpack_code_bits`` work on Python bytes; ``parse_example``,
-``example_shape_and_label`` and ``parse_encoded`` are graph functions (bad input raises
-``InvalidArgumentError`` in the graph).
+``example_shape_and_label``, ``parse_encoded`` and ``unparsable`` are graph functions (bad input
+raises ``InvalidArgumentError`` in the graph; ``unparsable`` finds, without raising, the records
+``parse_encoded`` would fail on, whose error would quote the whole record).
 """
 
 from __future__ import annotations
@@ -98,9 +99,30 @@ def example_shape_and_label(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor
     return shape, features[FEATURE_LABEL]
 
 
+def _encoded_only() -> dict:
+    return {FEATURE_ENCODED: tf.io.FixedLenFeature([], tf.string, default_value="")}
+
+
 def parse_encoded(serialized: tf.Tensor) -> tf.Tensor:
     """Serialized examples string ``[n]`` -> their ``FEATURE_ENCODED`` bytes, string ``[n]``
-    ("" where the feature is absent)."""
-    features = tf.io.parse_example(serialized, {
-        FEATURE_ENCODED: tf.io.FixedLenFeature([], tf.string, default_value="")})
-    return features[FEATURE_ENCODED]
+    ("" where the feature is absent). Check ``unparsable`` first: the parser's own error
+    quotes the whole record, raw (not even valid UTF-8)."""
+    return tf.io.parse_example(serialized, _encoded_only())[FEATURE_ENCODED]
+
+
+def unparsable(serialized: tf.Tensor) -> tf.Tensor:
+    """Serialized examples string ``[n]`` -> bool ``[n]``: True where ``parse_encoded`` would
+    fail (not a ``tf.train.Example``, or ``FEATURE_ENCODED`` not one bytes value).
+
+    Each record is parsed on its own in a ``tf.data`` pipeline whose ``ignore_errors`` drops
+    the failures; their parse errors, messages and all, are discarded there, never raised.
+    """
+    count = tf.size(serialized, out_type=tf.int64)
+
+    def parse_one(index, record):
+        return index, tf.io.parse_single_example(record, _encoded_only())[FEATURE_ENCODED]
+
+    parsed = tf.data.Dataset.from_tensor_slices((tf.range(count), serialized)).map(
+        parse_one).ignore_errors()
+    return parsed.reduce(tf.ones([count], tf.bool), lambda failed, item: (
+        tf.tensor_scatter_nd_update(failed, [[item[0]]], [False])))

@@ -3,9 +3,13 @@
 ``declared_sizes``: string ``[n]`` -> ``(heights int64 [n], widths int64 [n], is_png bool
 [n])`` read from the headers alone (PNG signature, IHDR length, type, CRC and sides in
 [1, 2**31 - 1]; JPEG by ``tf.image.extract_jpeg_shape``), nothing decoded.
+``check_payloads``: refuses, before decoding, a JPEG declaring more than
+``MAX_JPEG_PIXELS_PER_SCAN_BYTE`` pixels per byte of its whole file (decode work per input byte).
 ``decode_image_bytes``: one encoded string -> float32 ``[height, width, channels]`` in [0, 1],
-PNG as ``uint16 / 65535`` (8-bit PNGs give exactly ``uint8 / 255``), JPEG as ``uint8 / 255``.
-Every refusal is an ``InvalidArgumentError`` raised in the graph, naming the first problem.
+PNG as ``uint16 / 65535`` (8-bit PNGs give exactly ``uint8 / 255``), JPEG as ``uint8 / 255``; a
+JPEG whose scan data ends before its last block is refused (``decode_declared``).
+Every refusal is an ``InvalidArgumentError`` raised in the graph, naming the first problem;
+``escaped_prefix`` is how a message quotes input bytes (at most ``QUOTED_BYTES``, ASCII).
 The Python twin of the header checks is ``comdefend_tf.io.headers``; tests run both on one
 corpus.
 """
@@ -14,6 +18,10 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+# One bound for both readers (its derivation is in io.headers): the Python reader applies it
+# per byte of scan data, the graph per byte of the whole file (it does not walk segments).
+from comdefend_tf.io.headers import MAX_JPEG_PIXELS_PER_SCAN_BYTE
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 # Signature (8 bytes), IHDR length (4), type (4), data (13: width, height, depth, colour type,
@@ -21,6 +29,16 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_HEADER_BYTES = 33
 PNG_IHDR_LENGTH_AND_TYPE = b"\x00\x00\x00\x0dIHDR"
 PNG_MAX_SIDE = 2 ** 31 - 1  # the PNG specification's limit for width and height
+JPEG_EOI = b"\xff\xd9"
+# Inserted before a JPEG's last end-of-image marker to probe for a truncated scan: libjpeg skips
+# bytes after complete scan data, but decodes them into the blocks a truncated scan lacks. No
+# 0xFF byte (a marker); mixed bits, so they decode to other coefficients than libjpeg's zeros.
+JPEG_PROBE_BYTES = bytes([0x55, 0xAA, 0x33, 0xCC]) * 16
+QUOTED_BYTES = 64  # the most input bytes an error message quotes
+# Printable ASCII as itself, every other byte (and the backslash) as \xNN: a message that
+# quotes input stays ASCII, whatever the input (Python decodes messages as UTF-8).
+_ESCAPES = [chr(byte) if 0x20 <= byte < 0x7F and byte != 0x5C else f"\\x{byte:02x}"
+            for byte in range(256)]
 
 
 def check(condition, *message_and_values):
@@ -49,6 +67,14 @@ def refuse_unless(checks, value: tf.Tensor) -> tf.Tensor:
             return tf.identity(value)
 
     return tf.cond(all_ok, lambda: tf.identity(value), refuse)
+
+
+def escaped_prefix(data: tf.Tensor, length: int = QUOTED_BYTES) -> tf.Tensor:
+    """String scalar -> its first ``length`` bytes, escaped to ASCII (``_ESCAPES``), then
+    ``...`` when it is longer: how an error message quotes input."""
+    head = tf.io.decode_raw(tf.strings.substr(data, 0, length), tf.uint8)
+    quoted = tf.strings.reduce_join(tf.gather(tf.constant(_ESCAPES), tf.cast(head, tf.int32)))
+    return tf.strings.join([quoted, tf.where(tf.strings.length(data) > length, "...", "")])
 
 
 def _crc32_table() -> list[int]:
@@ -156,27 +182,81 @@ def declared_sizes(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]
     return heights, widths, is_png
 
 
+def check_payloads(encoded: tf.Tensor, heights: tf.Tensor, widths: tf.Tensor,
+                   is_png: tf.Tensor) -> tf.Tensor:
+    """``encoded`` (string ``[n]``, sizes from ``declared_sizes``) once no JPEG declares more
+    than ``MAX_JPEG_PIXELS_PER_SCAN_BYTE`` pixels per byte of its file; run before decoding.
+
+    No complete Huffman-coded JPEG comes near the bound (io.headers), so a file over it is
+    truncated or a decompression bomb; libjpeg's work is then bounded per byte of input. A PNG
+    needs no such check: inflating is bounded by deflate's ratio, and the decoder stops where
+    the compressed data ends.
+    """
+    sizes = tf.cast(tf.strings.length(encoded), tf.int64)
+    # Exact in int64: a JPEG side is at most 65,535, a file under 2**53 bytes.
+    sparse = tf.logical_and(tf.logical_not(is_png),
+                            heights * widths > MAX_JPEG_PIXELS_PER_SCAN_BYTE * sizes)
+    first = _first_index(sparse)
+    return refuse_unless(
+        [(tf.logical_not(tf.reduce_any(sparse)),
+          ["image_bytes element", first, "is a truncated JPEG or a decompression bomb: it "
+           "declares height x width", tf.stack([heights[first], widths[first]]), "in only",
+           sizes[first], f"bytes, more than {MAX_JPEG_PIXELS_PER_SCAN_BYTE} pixels per byte "
+           "(no complete JPEG codes that many)"])], encoded)
+
+
+def _probe_before_eoi(encoded: tf.Tensor) -> tf.Tensor:
+    """``encoded`` with ``JPEG_PROBE_BYTES`` inserted before its last end-of-image marker
+    (unchanged when it has none: libjpeg refuses a JPEG that runs out of data)."""
+    data = tf.io.decode_raw(encoded, tf.uint8)
+    eoi = tf.logical_and(tf.equal(data[:-1], JPEG_EOI[0]), tf.equal(data[1:], JPEG_EOI[1]))
+    positions = tf.where(eoi)[:, 0]
+    at = tf.cond(tf.size(positions) > 0, lambda: tf.cast(positions[-1], tf.int32),
+                 lambda: tf.strings.length(encoded))
+    return tf.strings.join([tf.strings.substr(encoded, 0, at), JPEG_PROBE_BYTES,
+                            tf.strings.substr(encoded, at, tf.strings.length(encoded) - at)])
+
+
+def _decode_complete_jpeg(encoded: tf.Tensor, channels: int) -> tf.Tensor:
+    """uint8 pixels of a JPEG whose scans are complete; refuses a truncated scan.
+
+    libjpeg (and so ``tf.io.decode_jpeg``) fills the blocks of a scan cut short before an
+    end-of-image marker with zeros and only warns. The JPEG is decoded a second time with
+    ``JPEG_PROBE_BYTES`` before that marker: after complete scan data they are skipped and the
+    pixels are the same; a truncated scan decodes them into its missing blocks, and the pixels
+    differ.
+    """
+    pixels = tf.io.decode_jpeg(encoded, channels=channels)
+    probed = tf.io.decode_jpeg(_probe_before_eoi(encoded), channels=channels)
+    return refuse_unless(
+        [(tf.reduce_all(tf.equal(pixels, probed)),
+          ["a truncated JPEG: its scan data ends before its last block (libjpeg would fill "
+           "the rest of its height x width x channels", tf.shape(pixels), "with grey)"])],
+        pixels)
+
+
 def decode_declared(encoded: tf.Tensor, is_png: tf.Tensor, height: tf.Tensor, width: tf.Tensor,
                     channels: int) -> tf.Tensor:
     """One PNG or JPEG string whose header was checked -> float32 ``[height, width, channels]``
     in [0, 1]: PNG as ``uint16 / 65535`` (8-bit PNGs give exactly ``uint8 / 255``), JPEG as
     ``uint8 / 255`` (a CMYK JPEG for a 1-channel model through RGB, which libjpeg can convert
-    it to). Refuses an image whose decoded size differs from its declared one."""
+    it to). Refuses an image whose decoded size differs from its declared one, and a JPEG whose
+    scan data is truncated (``_decode_complete_jpeg``)."""
     def decode_png():
         pixels = tf.io.decode_png(encoded, channels=channels, dtype=tf.uint16)
         return tf.cast(pixels, tf.float32) / 65535.0
 
     def decode_jpeg():
         if channels != 1:
-            return tf.cast(tf.io.decode_jpeg(encoded, channels=channels), tf.float32) / 255.0
+            return tf.cast(_decode_complete_jpeg(encoded, channels), tf.float32) / 255.0
 
         def cmyk_to_grey():
             # libjpeg converts CMYK to RGB but not to grey: go through RGB (ITU-R 601 luma).
-            rgb = tf.io.decode_jpeg(encoded, channels=3)
+            rgb = _decode_complete_jpeg(encoded, 3)
             return tf.round(tf.image.rgb_to_grayscale(tf.cast(rgb, tf.float32))) / 255.0
 
         def grey():
-            return tf.cast(tf.io.decode_jpeg(encoded, channels=1), tf.float32) / 255.0
+            return tf.cast(_decode_complete_jpeg(encoded, 1), tf.float32) / 255.0
 
         return tf.cond(tf.equal(tf.image.extract_jpeg_shape(encoded)[2], 4), cmyk_to_grey, grey)
 
@@ -192,8 +272,10 @@ def decode_declared(encoded: tf.Tensor, is_png: tf.Tensor, height: tf.Tensor, wi
 def decode_image_bytes(encoded: tf.Tensor, channels: int) -> tf.Tensor:
     """One encoded PNG or JPEG (a string scalar) -> float32 ``[height, width, channels]`` in
     [0, 1], exactly as ``purify_bytes`` reads it: the header checked and its declared size read
-    first (``declared_sizes``), then PNG decoded as ``uint16 / 65535`` and JPEG as
-    ``uint8 / 255``. No size limit is applied here (``purify_bytes`` applies ``max_pixels``)."""
+    first (``declared_sizes``, ``check_payloads``), then PNG decoded as ``uint16 / 65535`` and
+    JPEG as ``uint8 / 255``. No size limit is applied here (``purify_bytes`` applies
+    ``max_pixels``)."""
     encoded = tf.reshape(tf.convert_to_tensor(encoded, tf.string), [1])
     heights, widths, is_png = declared_sizes(encoded)
+    encoded = check_payloads(encoded, heights, widths, is_png)
     return decode_declared(encoded[0], is_png[0], heights[0], widths[0], channels)

@@ -2,10 +2,13 @@
 
 ``read_image(path, channels, max_pixels, max_bytes)`` -> float32 ``[height, width, channels]``
 in [0, 1] (8-bit / 255, 16-bit PNG / 65535; alpha dropped; EXIF orientation applied), the
-file's size and declared pixels checked before any decoding; refusals raise
+file's size, its declared pixels and the data they need (``headers.check_payload``: decoding
+work bounded per byte of input, truncated JPEG scans refused) checked before any decoding;
+refusals raise
 ``ImageReadError`` and its subclasses ``ImageTooLargeError`` and ``UnsupportedFormatError``
 (from ``comdefend_tf.io.headers``), ``FileNotFoundError`` for a missing file.
-``write_png(path, image)`` rounds ``y * 255`` to uint8 and replaces ``path`` atomically.
+``write_png(path, image, replace=True)`` rounds ``y * 255`` to uint8 and publishes ``path``
+atomically, replacing what is there or, with ``replace=False``, raising ``FileExistsError``.
 Decoding is TensorFlow's, the serving signatures' decoders; docs/internals/io.md has the rules
 in full and why.
 """
@@ -106,7 +109,12 @@ def read_bounded(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
 def decode_image(data: bytes, channels: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                  name: str = "<bytes>") -> np.ndarray:
     """Decodes PNG or JPEG bytes as ``read_image`` does (same rules, same errors), with the
-    pixel limit checked on the declared size before decoding."""
+    pixel limit checked on the declared size before decoding, then the data against what the
+    header declares (``headers.check_payload``): a PNG whose IDAT bytes cannot inflate to its
+    pixels (over ``headers.PNG_MAX_INFLATE_RATIO`` = 1,032 bytes per byte), a JPEG cut inside a
+    scan or without its end-of-image marker, a scan shorter than its blocks need, more than
+    ``headers.MAX_JPEG_SCANS`` scans, or more than ``headers.MAX_JPEG_PIXELS_PER_SCAN_BYTE``
+    (1,024) declared pixels per byte of scan data: ``ImageReadError``, nothing decoded."""
     import tensorflow as tf
 
     if channels not in (None, 1, 3):
@@ -116,6 +124,7 @@ def decode_image(data: bytes, channels: int | None = None, max_pixels: int = DEF
         raise ImageTooLargeError(
             f"{name!r} declares {header.width}x{header.height} = "
             f"{header.width * header.height:,} pixels, more than the limit of {max_pixels:,}")
+    headers.check_payload(data, header, name)
     out_channels = channels or (1 if header.grey else 3)
     try:
         if header.format == "PNG":
@@ -179,11 +188,16 @@ def encode_png(image) -> bytes:
     return buffer.getvalue()
 
 
-def write_png(path: str, image) -> None:
+def write_png(path: str, image, replace: bool = True) -> None:
     """Writes :func:`encode_png`'s bytes to ``path`` atomically (``io.atomic``: a planted file
     or link at the temporary name is never written through; a link at ``path`` is replaced,
-    not its target). ``path``'s folder must exist."""
-    write_bytes_atomic(path, encode_png(image))
+    not its target). ``path``'s folder must exist.
+
+    Raises:
+      FileExistsError: ``replace`` is False and anything (a file, a link, a folder) stands at
+        ``path`` when the file is published; nothing is changed there.
+    """
+    write_bytes_atomic(path, encode_png(image), replace=replace)
 
 
 def psnr_db(reference, image, max_value: float = 1.0) -> float:

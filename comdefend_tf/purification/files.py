@@ -5,8 +5,10 @@ in the whole-image mode an image above the pixel budget is tiled exactly (``auto
 ``patches.exact_tiling``: the receptive-field radius as overlap), so no image size runs the
 network out of memory and the result equals the whole-image one. ``purify_files`` reads each
 input of a ``plan.plan_outputs`` pairing with ``io.images`` (limits checked before reading or
-decoding), writes a rounded PNG atomically, and refuses (``refusals``), by name and with a
-reason, every input it cannot read or write while the others go on.
+decoding), writes a rounded PNG atomically, never replacing a file unless ``overwrite`` (one
+that appeared after planning, e.g. another run's output, is a refusal), and refuses
+(``refusals``), by name and with a reason, every input it cannot read or write while the others
+go on.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from tqdm import tqdm
 from comdefend_tf.io import images as image_io
 from comdefend_tf.patches import Tiling, exact_tiling, purify_patchwise, whole_image_pixel_budget
 from comdefend_tf.purification import refusals
+
+# The refusal of an input whose output path was taken after the run was planned.
+OUTPUT_APPEARED = "output appeared during the run; not replaced without --overwrite"
 
 
 def automatic_tiling(model, height: int, width: int,
@@ -136,7 +141,8 @@ def purify_files(model, pairs: Sequence[tuple[str, str]], patch_size: int = 0, o
                  tile_above_pixels: int | None = None,
                  max_image_pixels: int = image_io.DEFAULT_MAX_PIXELS,
                  max_file_bytes: int = image_io.DEFAULT_MAX_BYTES,
-                 refused: Sequence[tuple[str, str]] = ()) -> PurifySummary:
+                 refused: Sequence[tuple[str, str]] = (),
+                 overwrite: bool = False) -> PurifySummary:
     """Reads, purifies and writes each ``(input_path, output_path)`` pair, one at a time.
 
     An input that cannot be read within the limits (``image_io.read_image``: over
@@ -144,6 +150,10 @@ def purify_files(model, pairs: Sequence[tuple[str, str]], patch_size: int = 0, o
     unsupported colour components, vanished) or whose output cannot be written is recorded in
     ``summary.failures`` with the reason (and passed to ``on_error``) and skipped; every other
     image is written. ``refused`` seeds the failures with inputs refused earlier (the listing's).
+    Outputs are published without replacing anything unless ``overwrite``: a file, link or
+    folder that appears at an output path during the run (another run writing to the same
+    folder, a third party) is kept, and the input is refused ("output appeared during the
+    run"), so two runs into one folder never silently replace each other's files.
     ``to_uint8`` converts float outputs to uint8 (default: rounding). PSNR is of the written
     uint8 output against the input (0..1 scale). ``tile_above_pixels``: see ``purify_array``.
     """
@@ -174,7 +184,10 @@ def purify_files(model, pairs: Sequence[tuple[str, str]], patch_size: int = 0, o
         output = to_uint8(purified)
         del purified
         try:
-            image_io.write_png(target, output)
+            image_io.write_png(target, output, replace=overwrite)
+        except FileExistsError:
+            refuse(source, f"{OUTPUT_APPEARED} ({target!r})")
+            continue
         except OSError as error:
             refuse(source, f"cannot write {target!r}: {error}")
             continue

@@ -1,11 +1,13 @@
 """Purifying a whole dataset with Apache Beam: the request, the pipeline, the run and its manifest.
 
 ``run_purify_pipeline(PurifyOptions, pipeline_args)`` checks the whole request first (Beam
-options, inputs through ``plan.plan_inputs``, the model's metadata, an empty output folder) and
-raises ``PurifyPipelineError`` with nothing written; then it reads, checks and decodes
-(``sources``), batches by shape, purifies with ``RunInference`` (``handler``), writes
-(``outputs``) and, last, ``manifest.json``: counts (every input purified or dead-lettered),
-bytes, seconds, the request. Runs locally on the FnApiRunner and unchanged on a cluster runner
+options, inputs through ``plan.plan_inputs``, unique PNG names, the model's metadata and an
+export's request limits, an empty output folder) and raises ``PurifyPipelineError`` with
+nothing written; then it reads, checks and decodes (``sources``), batches by shape within the
+export's limits, purifies with ``RunInference`` (``handler``), writes (``outputs``) and, last,
+``manifest.json``: counts (every input purified or dead-lettered: one bad file, record or image
+the model refuses is a dead letter, never the end of the run), bytes, seconds, the request.
+Runs locally on the FnApiRunner and unchanged on a cluster runner
 (docs/beam.md; history and measurements: docs/internals/purification.md).
 """
 
@@ -15,13 +17,14 @@ import dataclasses
 import json
 import os
 import time
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from comdefend_tf import optional
 from comdefend_tf.io import images as image_io
 from comdefend_tf.io.examples import to_example
 from comdefend_tf.purification import counters, outputs, plan, refusals
-from comdefend_tf.purification.handler import PurifierModelHandler
+from comdefend_tf.purification.handler import (ExportLimits, PurifierModelHandler,
+                                               read_export_limits)
 from comdefend_tf.purification.sources import DecodeImages, ReadSourceImages, shape_key
 
 beam = optional.require("apache_beam", "beam", "dataset purification on Apache Beam")
@@ -73,19 +76,29 @@ class PurifyOptions:
                                       "settings; inference_noise_std, seed and "
                                       "tile_above_pixels apply to --model_dir only")
 
-    def model_handler(self) -> PurifierModelHandler:
+    def model_handler(self, limits: ExportLimits | None = None) -> PurifierModelHandler:
         if self.saved_model_dir is not None:
-            return PurifierModelHandler(saved_model_dir=self.saved_model_dir)
+            return PurifierModelHandler(saved_model_dir=self.saved_model_dir, limits=limits)
         return PurifierModelHandler(keras_path=self.model_dir,
                                     inference_noise_std=self.inference_noise_std,
                                     seed=self.seed, tile_above_pixels=self.tile_above_pixels)
 
 
-def model_channels(options: PurifyOptions) -> int:
-    """The purifier's input channels, read from the model's metadata (no weights loaded).
+class ModelInfo(NamedTuple):
+    """What the pipeline needs of the model before running it: its input ``channels`` and,
+    for an export, its request ``limits`` (None for a Keras model, which tiles itself)."""
+
+    channels: int
+    limits: ExportLimits | None = None
+
+
+def model_info(options: PurifyOptions) -> ModelInfo:
+    """The purifier's input channels and an export's request limits, read from the model's
+    metadata (no weights loaded).
 
     Raises:
-      PurifyPipelineError: the folder is no export version folder or model directory.
+      PurifyPipelineError: the folder is no export version folder or model directory, or the
+        export's metadata has no valid limits.
     """
     from comdefend_tf.config import ComDefendConfig
     from comdefend_tf.model import CONFIG_FILENAME, KERAS_FILENAME
@@ -98,7 +111,15 @@ def model_channels(options: PurifyOptions) -> int:
             raise PurifyPipelineError(f"{options.saved_model_dir!r} is not a comdefend export "
                                       f"version folder (no "
                                       f"{serving_export.EXPORT_METADATA_FILENAME})")
-        return int(json.loads(outputs.read_text(metadata))["comdefend_config"]["input_channels"])
+        try:
+            metadata = json.loads(outputs.read_text(metadata))
+            channels = int(metadata["comdefend_config"]["input_channels"])
+            limits = read_export_limits(metadata, repr(options.saved_model_dir))
+        except (ValueError, KeyError, TypeError) as error:  # ModelLoadError is a ValueError
+            raise PurifyPipelineError(f"{options.saved_model_dir!r}: unusable "
+                                      f"{serving_export.EXPORT_METADATA_FILENAME}: "
+                                      f"{error}") from error
+        return ModelInfo(channels, limits)
     folder = options.model_dir
     if folder.endswith(".keras"):
         folder = os.path.dirname(folder)
@@ -107,37 +128,59 @@ def model_channels(options: PurifyOptions) -> int:
             FileSystems.exists(config_path):
         raise PurifyPipelineError(f"{options.model_dir!r} is not a model directory (expected "
                                   f"{KERAS_FILENAME} and {CONFIG_FILENAME})")
-    return ComDefendConfig.from_dict(json.loads(outputs.read_text(config_path))).input_channels
+    return ModelInfo(ComDefendConfig.from_dict(json.loads(outputs.read_text(config_path)))
+                     .input_channels)
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: PurifyOptions, input_plan: plan.InputPlan,
-                   channels: int) -> dict:
-    """Adds the purify transforms to ``pipeline``; returns the dict of terminal PCollections."""
+                   model: ModelInfo) -> dict:
+    """Adds the purify transforms to ``pipeline``; returns the dict of terminal PCollections.
+
+    Batches hold images of one shape, at most ``batch_size`` (and an export's
+    ``max_batch_size``); the handler cuts them to the export's pixels per request. Refusals of
+    every stage (reading, decoding, the model, writing a PNG) meet in the dead letters.
+    """
     output_dir = options.output_dir
-    sources = pipeline | "Read" >> ReadSourceImages(input_plan)
+    batch_size = options.batch_size
+    if model.limits is not None:
+        batch_size = min(batch_size, model.limits.max_images)
+    sources = pipeline | "Read" >> ReadSourceImages(input_plan,
+                                                    max_record_bytes=2 * options.max_bytes)
     decoded = sources | "CheckAndDecode" >> beam.ParDo(
-        DecodeImages(channels, options.max_pixels, options.max_bytes)).with_outputs(
-            DecodeImages.REFUSED, main="images")
-    purified = (decoded["images"]
-                | "KeyByShape" >> beam.Map(lambda image: (shape_key(image), image))
-                | "BatchByShape" >> beam.GroupIntoBatches(options.batch_size)
-                | "DropShapeKey" >> beam.Map(lambda shape_and_batch: list(shape_and_batch[1]))
-                | "Purify" >> RunInference(options.model_handler().with_no_batching())
-                | "EncodePng" >> beam.ParDo(outputs.EncodePurified()))
-    written = (purified
-               | "ToExample" >> beam.Map(to_example, options.include_code_bits)
-               | "WriteTFRecords" >> beam.io.WriteToTFRecord(
-                   FileSystems.join(output_dir, outputs.PURIFIED_PREFIX),
-                   file_name_suffix=outputs.PURIFIED_SUFFIX, num_shards=options.num_shards))
-    refused = (decoded[DecodeImages.REFUSED]
-               | "RefusalToJson" >> beam.Map(refusals.Refusal.to_json)
-               | "WriteDeadLetter" >> beam.io.WriteToText(
-                   FileSystems.join(output_dir, outputs.DEAD_LETTER_PREFIX),
-                   file_name_suffix=outputs.DEAD_LETTER_SUFFIX, num_shards=1))
-    terminals = {"tfrecords": written, "dead_letter": refused}
+        DecodeImages(model.channels, options.max_pixels, options.max_bytes,
+                     model.limits.max_pixels if model.limits is not None else None)
+    ).with_outputs(DecodeImages.REFUSED, main="images")
+    encoded = (decoded["images"]
+               | "KeyByShape" >> beam.Map(lambda image: (shape_key(image), image))
+               | "BatchByShape" >> beam.GroupIntoBatches(batch_size)
+               | "DropShapeKey" >> beam.Map(lambda shape_and_batch: list(shape_and_batch[1]))
+               | "Purify" >> RunInference(options.model_handler(model.limits)
+                                          .with_no_batching())
+               | "EncodePng" >> beam.ParDo(outputs.EncodePurified()).with_outputs(
+                   outputs.REFUSED, main="purified"))
+    refused = [decoded[DecodeImages.REFUSED], encoded[outputs.REFUSED]]
+    purified = encoded["purified"]
+    terminals = {}
     if options.write_pngs:
-        terminals["pngs"] = purified | "WritePngs" >> beam.ParDo(
-            outputs.WritePng(FileSystems.join(output_dir, outputs.PNG_SUBDIR)))
+        written_pngs = purified | "WritePngs" >> beam.ParDo(
+            outputs.WritePng(FileSystems.join(output_dir, outputs.PNG_SUBDIR))).with_outputs(
+                outputs.REFUSED, main="written")
+        refused.append(written_pngs[outputs.REFUSED])
+        purified = terminals["pngs"] = written_pngs["written"]
+    terminals["tfrecords"] = (
+        purified
+        | "CountPurified" >> beam.ParDo(outputs.CountPurified())
+        | "ToExample" >> beam.Map(to_example, options.include_code_bits)
+        | "WriteTFRecords" >> beam.io.WriteToTFRecord(
+            FileSystems.join(output_dir, outputs.PURIFIED_PREFIX),
+            file_name_suffix=outputs.PURIFIED_SUFFIX, num_shards=options.num_shards))
+    terminals["dead_letter"] = (
+        refused
+        | "AllRefused" >> beam.Flatten()
+        | "RefusalToJson" >> beam.Map(refusals.Refusal.to_json)
+        | "WriteDeadLetter" >> beam.io.WriteToText(
+            FileSystems.join(output_dir, outputs.DEAD_LETTER_PREFIX),
+            file_name_suffix=outputs.DEAD_LETTER_SUFFIX, num_shards=1))
     return terminals
 
 
@@ -167,9 +210,10 @@ def unknown_pipeline_flags(pipeline_args: Sequence[str]) -> list[str]:
 
 
 def check_request(options: PurifyOptions, pipeline_args: Sequence[str]
-                  ) -> tuple[plan.InputPlan, int]:
-    """Everything checked before anything is written: Beam options, inputs, model, output
-    folder (prepared last). Returns the input plan and the model's channels.
+                  ) -> tuple[plan.InputPlan, ModelInfo]:
+    """Everything checked before anything is written: Beam options, inputs, unique PNG
+    names (``--write_pngs``), model, output folder (prepared last). Returns the input plan
+    and the model's ``ModelInfo``.
 
     Raises:
       PurifyPipelineError: naming the first problem.
@@ -186,7 +230,15 @@ def check_request(options: PurifyOptions, pipeline_args: Sequence[str]
     if options.write_pngs and input_plan.kind != "files":
         raise PurifyPipelineError("--write_pngs mirrors an input folder tree; it needs a folder "
                                   "or glob input, not records")
-    channels = model_channels(options)
+    if options.write_pngs:
+        collision = outputs.colliding_png_keys(key for key, _, _ in input_plan.files)
+        if collision:
+            first, second, name = collision
+            raise PurifyPipelineError(
+                f"{refusals.escaped_name(first)!r} and {refusals.escaped_name(second)!r} would "
+                f"both be written to {outputs.PNG_SUBDIR}/{refusals.escaped_name(name)!r} "
+                f"under --write_pngs; rename one, or purify them in separate runs")
+    model = model_info(options)
     if options.saved_model_dir is None and not plan.is_remote(options.model_dir):
         from comdefend_tf.model import load_comdefend
 
@@ -195,7 +247,7 @@ def check_request(options: PurifyOptions, pipeline_args: Sequence[str]
         outputs.prepare_output_dir(options.output_dir, options.overwrite)
     except outputs.OutputDirError as error:
         raise PurifyPipelineError(str(error)) from error
-    return input_plan, channels
+    return input_plan, model
 
 
 def run_purify_pipeline(options: PurifyOptions, pipeline_args: Sequence[str] = ()) -> dict:
@@ -217,14 +269,14 @@ def run_purify_pipeline(options: PurifyOptions, pipeline_args: Sequence[str] = (
     """
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-    input_plan, channels = check_request(options, pipeline_args)
+    input_plan, model = check_request(options, pipeline_args)
     pipeline_options = PipelineOptions(list(pipeline_args))
     standard = pipeline_options.view_as(StandardOptions)
     if standard.runner in (None, "DirectRunner", "SwitchingDirectRunner"):
         standard.runner = "FnApiRunner"
     start = time.perf_counter()
     pipeline = beam.Pipeline(options=pipeline_options)
-    build_pipeline(pipeline, options, input_plan, channels)
+    build_pipeline(pipeline, options, input_plan, model)
     result = pipeline.run()
     result.wait_until_finish()
     seconds = time.perf_counter() - start

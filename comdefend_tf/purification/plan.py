@@ -249,15 +249,38 @@ def _plan_tfds(input_spec: str, name: str, data_dir: str | None, split: str) -> 
 
 
 # ------------------------------------------------------------------- the command's outputs
+def check_output_folder(output_dir: str) -> None:
+    """Refuses an ``output_dir`` that is not a folder and cannot become one: something other
+    than a folder is there (a file, a link to a file, a dangling link), or the nearest existing
+    path above it is not a folder (``file.txt/sub``).
+
+    Raises:
+      OutputPlanError: naming ``output_dir`` and what stands in the way.
+    """
+    if os.path.lexists(output_dir):
+        if not os.path.isdir(output_dir):
+            raise OutputPlanError(f"output folder {output_dir!r} is not a folder (a file or a "
+                                  f"link to one is there); choose a folder")
+        return
+    above = os.path.dirname(os.path.abspath(output_dir))
+    while not os.path.lexists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise OutputPlanError(f"output folder {output_dir!r} cannot be created: {above!r} is "
+                              f"not a folder")
+
+
 def plan_outputs(input_paths: Sequence[str], output_dir: str,
                  overwrite: bool = False) -> list[tuple[str, str]]:
     """Pairs each input with ``OUTPUT_DIR/<stem>.png`` after checking the plan is safe.
 
     Raises:
-      OutputPlanError: ``output_dir`` holds an input image, an output would be an input file
-        or land outside ``output_dir``, two inputs share an output name, or (without
-        ``overwrite``) an output file or link already exists. Nothing has been written.
+      OutputPlanError: ``output_dir`` is not a folder (a file, a link to one, or a path below
+        a file), holds an input image, an output would be an input file or land outside
+        ``output_dir``, two inputs share an output name, or (without ``overwrite``) an output
+        file or link already exists. Nothing has been written.
     """
+    check_output_folder(output_dir)
     output_real = os.path.realpath(output_dir)
     output_folder = os.path.normpath(os.path.abspath(output_dir))
     input_folders = {os.path.realpath(os.path.dirname(os.path.abspath(p))) for p in input_paths}

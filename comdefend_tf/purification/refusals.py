@@ -11,6 +11,7 @@ hostile file name cannot forge a line or a terminal escape.
 from __future__ import annotations
 
 import json
+import os
 from typing import NamedTuple
 
 from comdefend_tf.io import images as image_io
@@ -19,18 +20,26 @@ UNREADABLE = "unreadable"
 TOO_LARGE = "too_large"
 WRONG_CHANNELS = "wrong_channels"
 UNSAFE_FILE = "unsafe_file"
+MODEL_REFUSED = "model_refused"
+CANNOT_WRITE = "cannot_write"
 
 # What each reason covers (the order is the order of the manifest and of printed counts).
 REASONS = {
     UNREADABLE: "missing, empty, not PNG or JPEG (whatever its name), corrupt or truncated, "
-                "JPEG with other than 1 or 3 colour components, or unreadable",
+                "JPEG with other than 1 or 3 colour components, or unreadable; a damaged "
+                "TFRecord record (checksum, truncation) and what follows it in its file",
     TOO_LARGE: "more bytes than the byte limit, or a header declaring more pixels than the "
-               "pixel limit (checked before reading or decoding)",
+               "pixel limit or than an exported model's pixels per request (checked before "
+               "reading or decoding)",
     WRONG_CHANNELS: "the image's own colour kind (grey: 1 channel, colour: 3) is not the "
                     "model's (the Beam pipeline only; the purify command converts)",
     UNSAFE_FILE: "refused by the input listing before it is opened: a link leading outside "
                  "the input folder, a dangling or looping link, a FIFO, device or socket, "
-                 "or a file that cannot be inspected",
+                 "or a file that cannot be inspected, or a name that is not valid UTF-8",
+    MODEL_REFUSED: "the model refused the image (an exported model's InvalidArgumentError, "
+                   "asked with the image alone; the Beam pipeline only)",
+    CANNOT_WRITE: "an output of the image could not be written (the file system refused "
+                  "it: a name or path too long, a file already there, no space)",
 }
 
 
@@ -50,6 +59,16 @@ class Refusal(NamedTuple):
     def from_json(cls, line: str) -> "Refusal":
         entry = json.loads(line)
         return cls(entry["key"], entry["reason"], entry["detail"])
+
+
+def escaped_name(name: str) -> str:
+    """``name`` as valid UTF-8 text: a file name's bytes that are not UTF-8 (Python holds them
+    as surrogate escapes, which no UTF-8 writer accepts) shown as ``\\xNN``; other names
+    unchanged."""
+    try:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name holds: not from the file system
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def reason_of(error: BaseException) -> str:

@@ -2,16 +2,19 @@
 
 Every check raises ``tf.errors.InvalidArgumentError`` whose message names the first problem
 (rank, channels, empty, batch over ``max_batch_size``, pixels over ``max_pixels``, NaN, values
-outside [0, 1]); a checked tensor is produced only after its checks passed, so nothing that
-consumes it runs on a refused request. ``refuse_unless`` (``comdefend_tf.io.graph_headers``)
-is the one mechanism behind every refusal.
+outside [0, 1], a record that is not a ``tf.train.Example``); a checked tensor is produced only
+after its checks passed, so nothing that consumes it runs on a refused request. Pixel counts
+are compared without any int64 product or sum that could wrap around, and a message quotes at
+most ``QUOTED_BYTES`` bytes of input, escaped. ``refuse_unless``
+(``comdefend_tf.io.graph_headers``) is the one mechanism behind every refusal.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-from comdefend_tf.io.graph_headers import refuse_unless
+from comdefend_tf.io import examples as example_io
+from comdefend_tf.io.graph_headers import QUOTED_BYTES, escaped_prefix, refuse_unless
 
 
 def _too_many_images(max_batch_size: int, count, got: str = "got") -> tuple:
@@ -54,8 +57,7 @@ def validate_images(images: tf.Tensor, channels: int, max_pixels: int,
         checks.append((tf.reduce_all(tf.equal(shape4[1:3], tf.constant(height_width, tf.int64))),
                        [f"the classifier expects {height_width[0]}x{height_width[1]} images; "
                         "got height x width", shape4[1:3]]))
-    pixels = tf.reduce_prod(shape4[:3])
-    checks.append((pixels <= max_pixels,
+    checks.append((_product_at_most([shape4[0], shape4[1], shape4[2]], max_pixels),
                    [f"too many pixels: at most {max_pixels} (batch x height x width) per "
                     "request are accepted (the export's max_pixels); got shape", shape]))
     # The values are looked at only once the shape passed: no pass over the data of a
@@ -76,6 +78,18 @@ def validate_images(images: tf.Tensor, channels: int, max_pixels: int,
     return checked
 
 
+def _product_at_most(factors: list, limit: int) -> tf.Tensor:
+    """Whether the product of int64 scalars ``factors`` is at most ``limit``, exactly
+    and without multiplying: ``a * b <= L`` iff ``b <= L // a`` for ``a >= 1``, so no product
+    of huge dimensions can wrap around to a small one. A factor below 1 gives False."""
+    remaining = tf.constant(limit, tf.int64)
+    fits = tf.constant(True)
+    for factor in factors:
+        fits = tf.logical_and(fits, tf.logical_and(factor >= 1, factor <= remaining))
+        remaining = remaining // tf.maximum(factor, 1)
+    return fits
+
+
 def validate_encoded_batch(image_bytes: tf.Tensor, max_batch_size: int) -> tf.Tensor:
     """Encoded images of unknown rank -> string ``[batch]``, once checked: rank 1, at least one
     element, at most ``max_batch_size`` elements."""
@@ -92,23 +106,49 @@ def validate_encoded_batch(image_bytes: tf.Tensor, max_batch_size: int) -> tf.Te
 def validate_declared_pixels(image_bytes: tf.Tensor, heights: tf.Tensor, widths: tf.Tensor,
                              max_pixels: int) -> tf.Tensor:
     """``image_bytes`` once the declared sizes (int64 ``[batch]`` each, read from the headers)
-    sum to at most ``max_pixels``; the refusal names the largest image."""
+    sum to at most ``max_pixels``.
+
+    First every element is checked on its own (the refusal names the first one over the
+    budget), then the sum, which cannot wrap around: each size is clamped to ``max_pixels + 1``
+    and the running sums are compared, so the first prefix over the budget is computed exactly
+    (it is at most ``2 * max_pixels + 1 < 2**63``, ``ExportSettings`` keeps ``max_pixels``
+    below 2**62) and what follows it cannot make the request pass. A side is at most
+    2**31 - 1, so one element's height x width is exact in int64.
+    """
     pixels = heights * widths
-    largest = tf.argmax(pixels, output_type=tf.int32)
+    over = pixels > max_pixels
+    first_over = tf.argmax(tf.cast(over, tf.int32), output_type=tf.int32)
+    running = tf.cumsum(tf.minimum(pixels, max_pixels + 1))
+    over_total = running > max_pixels
+    first_total = tf.argmax(tf.cast(over_total, tf.int32), output_type=tf.int32)
     return refuse_unless(
-        [(tf.reduce_sum(pixels) <= max_pixels,
-          [f"too many pixels: at most {max_pixels} pixels (summed over the "
-           "images' declared height x width) per request are accepted (the export's "
-           "max_pixels); the headers declare", tf.reduce_sum(pixels), "in total; the "
-           "largest, element", largest, "declares height x width",
-           tf.stack([heights[largest], widths[largest]])])], image_bytes)
+        [(tf.logical_not(tf.reduce_any(over)),
+          [f"too many pixels: at most {max_pixels} pixels per request are accepted (the "
+           "export's max_pixels); image_bytes element", first_over, "alone declares height x "
+           "width", tf.stack([heights[first_over], widths[first_over]])]),
+         (tf.logical_not(tf.reduce_any(over_total)),
+          [f"too many pixels: at most {max_pixels} pixels (summed over the images' declared "
+           "height x width) per request are accepted (the export's max_pixels); the headers "
+           "of elements 0 to", first_total, "already declare", running[first_total],
+           "in total"])], image_bytes)
 
 
-def validate_examples(examples: tf.Tensor) -> tf.Tensor:
+def validate_examples(examples: tf.Tensor, max_batch_size: int) -> tf.Tensor:
     """Serialized ``tf.train.Example`` strings of unknown rank -> string ``[batch]``, once
-    checked to be rank 1."""
-    checked = refuse_unless(
+    checked: rank 1, at most ``max_batch_size`` records, every record parsable with its
+    ``image/encoded`` one bytes value (``example_io.unparsable``). The refusal names the first
+    bad record and quotes at most its first ``QUOTED_BYTES`` bytes, escaped."""
+    shaped = refuse_unless(
         [(tf.equal(tf.rank(examples), 1),
           ["examples must be a rank-1 string tensor [batch] of serialized tf.train.Example; "
-           "got shape", tf.shape(examples)])], examples)
-    return tf.reshape(checked, [-1])
+           "got shape", tf.shape(examples)]),
+         _too_many_images(max_batch_size, tf.size(examples))], examples)
+    records = tf.reshape(shaped, [-1])
+    failed = example_io.unparsable(records)
+    first = tf.argmax(tf.cast(failed, tf.int32), output_type=tf.int32)
+    return refuse_unless(
+        [(tf.logical_not(tf.reduce_any(failed)),
+          ["examples element", first, "is not a serialized tf.train.Example with one bytes "
+           f"value in {example_io.FEATURE_ENCODED!r} (", tf.strings.length(records[first]),
+           f"bytes; the first {QUOTED_BYTES}, escaped:", escaped_prefix(records[first]),
+           ")"])], records)

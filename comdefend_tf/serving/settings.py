@@ -14,6 +14,8 @@ from comdefend_tf.patches import receptive_field_radius
 from comdefend_tf.serving import tiling
 
 CLASSIFIER_OUTPUTS = ("auto", "logits", "probabilities")
+# Keeps the in-graph pixel sums exact in int64 (``request_checks.validate_declared_pixels``).
+MAX_PIXELS_CEILING = 2 ** 62
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +38,7 @@ class ExportSettings:
         the graph's peak memory.
       max_pixels: the most pixels one request may carry, summed over its images (batch x
         height x width for the float signatures; the sum of the declared sizes for
-        ``purify_bytes``). Bounds the work and memory of one request.
+        ``purify_bytes``). Bounds the work and memory of one request. Below 2**62.
       max_batch_size: the most images one request may carry (every signature).
       classifier_outputs: what the classifier's last layer emits: ``probabilities``,
         ``logits`` (a softmax is applied) or ``auto`` (probabilities when its last layer is a
@@ -61,8 +63,8 @@ class ExportSettings:
             raise ValueError(f"patch_overlap must be >= 0, got {self.patch_overlap}")
         if self.patch_batch_size < 1:
             raise ValueError(f"patch_batch_size must be >= 1, got {self.patch_batch_size}")
-        if self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        if not 1 <= self.max_pixels < MAX_PIXELS_CEILING:
+            raise ValueError(f"max_pixels must be in [1, 2**62), got {self.max_pixels}")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.noise_seed is not None and not 0 <= self.noise_seed < 2 ** 63:

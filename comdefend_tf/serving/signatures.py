@@ -170,6 +170,7 @@ class ComDefendServing(tf.Module):
         heights, widths, is_png = graph_headers.declared_sizes(image_bytes)
         image_bytes = validate_declared_pixels(image_bytes, heights, widths,
                                                self.settings.max_pixels)
+        image_bytes = graph_headers.check_payloads(image_bytes, heights, widths, is_png)
 
         def purify_one(element):
             encoded, png, height, width = element
@@ -185,8 +186,8 @@ class ComDefendServing(tf.Module):
 
     def _purify_examples(self, examples):
         # A missing image/encoded parses as "" and is refused as neither PNG nor JPEG.
-        return self._purify_encoded(example_io.parse_encoded(validate_examples(examples)),
-                                    _STREAM_EXAMPLES)
+        checked = validate_examples(examples, self.settings.max_batch_size)
+        return self._purify_encoded(example_io.parse_encoded(checked), _STREAM_EXAMPLES)
 
     # ------------------------------------------------------------ classify: composition
     def _prepare_classifier(self, classifier: keras.Model) -> None:

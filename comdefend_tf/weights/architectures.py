@@ -5,6 +5,7 @@ A released network is 9 3x3 convolutions, one kernel ``(3, 3, in, out)`` (HWIO) 
 config; ``infer_architecture`` returns the ``KnownArchitecture`` both files fit, or raises
 ``ReferenceWeightsError`` naming the file, the layer, the shape found and the shape expected
 (also for a wrong array count, swapped files and files from two architectures).
+``largest_network_float32_bytes()`` bounds what the importer converts before that check.
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ def network_shapes(config: ComDefendConfig, network: str) -> list[tuple[int, ...
     if network == "decoder":
         return _stack_shapes(config.code_channels, config.decoder_widths, config.input_channels)
     raise ValueError(f"network must be 'encoder' or 'decoder', got {network!r}")
+
+
+def largest_network_float32_bytes() -> int:
+    """The float32 bytes of the largest network (encoder or decoder) a known architecture has:
+    the most that a file any architecture fits can hold once converted to float32."""
+    return max(4 * sum(int(np.prod(shape)) for shape in network_shapes(arch.config, network))
+               for arch in known_architectures() for network in ("encoder", "decoder"))
 
 
 def _layer_name(network: str, index: int) -> str:

@@ -4,12 +4,13 @@ interpreter that runs no code.
 ``object_array_entries(payload, source) -> list[np.ndarray]`` accepts a ``.npy`` (version 1.0 or
 2.0) header declaring a 1-D object array of 1 to ``MAX_ARRAYS`` entries, followed by a pickle
 (protocol 2 to 4) of exactly that array, and returns its entries: float16/32/64 arrays of at
-most ``MAX_ARRAY_DIMENSIONS`` dimensions. ``_WeightPickle`` knows only the opcodes numpy writes
-for such an array and only the globals in ``ALLOWED_GLOBALS``, none of which it calls with the
-file's arguments; every array state is checked before numpy builds the array. Its work is
-bounded (``MAX_PICKLE_OPERATIONS``, ``MAX_PICKLE_STACK``, ``MAX_PICKLE_MEMO``, new bytes up to
-twice the pickle's size). Anything else raises ``ReferenceWeightsError`` naming the file, the
-pickle byte and the problem (docs/internals/weights.md lists what is refused).
+most ``MAX_ARRAY_DIMENSIONS`` dimensions, none empty, each listed once. ``_WeightPickle`` knows
+only the opcodes numpy writes for such an array and only the globals in ``ALLOWED_GLOBALS``,
+none of which it calls with the file's arguments; every array state is checked before numpy
+builds the array. Its work is bounded (``MAX_PICKLE_OPERATIONS``, ``MAX_PICKLE_STACK``,
+``MAX_PICKLE_MEMO``, new bytes up to twice the pickle's size). Anything else raises
+``ReferenceWeightsError`` naming the file, the pickle byte and the problem
+(docs/internals/weights.md lists what is refused).
 """
 
 from __future__ import annotations
@@ -305,6 +306,11 @@ class _WeightPickle:
                        f"{MAX_ARRAY_DIMENSIONS} integer dimensions")
         if any(size < 0 for size in shape):
             self._fail(f"array shape {shape} has a negative dimension")
+        if any(size == 0 for size in shape):
+            # No released array is empty, and numpy cannot always build or convert an empty
+            # array whose other dimensions are huge (shape (0, 2**31-1, 2**31-1) is "too big").
+            self._fail(f"array shape {shape} has a zero dimension: an empty array, which a "
+                       f"weight file never holds")
         count = 1
         for size in shape:
             count *= size
@@ -313,8 +319,16 @@ class _WeightPickle:
                 self._fail(f"object array of shape {shape} with data {_describe(data)}; it must "
                            f"be 1-D, hold a list of exactly its length, in C order")
             entries = np.empty(count, dtype=object)
+            first_listing: dict[int, int] = {}
             for index, entry in enumerate(data):
                 self._check_entry(entry, index)
+                earlier = first_listing.setdefault(id(entry), index)
+                if earlier != index:
+                    # A memo reference lists one array again at no cost in the file, but each
+                    # listing would be converted into its own float32 copy.
+                    self._fail(f"entry {index} is entry {earlier} listed again (a memo "
+                               f"reference): a weight file lists each array once; repeated "
+                               f"listings would multiply memory")
                 entries[index] = entry.array
             target.array = entries
             return
@@ -327,8 +341,12 @@ class _WeightPickle:
         self._spend(needed, f"a {dtype.dtype} array of shape {shape}")
         # numpy's own reconstruction, with a state that is now known to be a float dtype and
         # exactly the bytes its shape needs.
-        array = _numpy_reconstruct(np.ndarray, (0,), b"b")
-        array.__setstate__((1, shape, dtype.dtype, fortran_order, data))
+        try:
+            array = _numpy_reconstruct(np.ndarray, (0,), b"b")
+            array.__setstate__((1, shape, dtype.dtype, fortran_order, data))
+        except (ValueError, MemoryError) as error:  # not expected after the checks above
+            self._fail(f"numpy cannot build a {dtype.dtype} array of shape {shape} "
+                       f"({type(error).__name__})")
         target.array = array
 
     def _check_entry(self, entry, index: int) -> None:

@@ -1,19 +1,24 @@
 """A zip reader for one weight file, written so that no file can make it run code, crash, or
 read and allocate more than the limits below.
 
-``read_weights_member(path) -> bytes`` returns the uncompressed bytes of the one member
-``w.npy`` of a regular file of at most ``MAX_FILE_BYTES`` that is a zip archive holding exactly
-that member, stored or deflated (the two methods numpy writes), not encrypted, not ZIP64, not
-split, declaring at most ``MAX_MEMBER_BYTES``. The member is inflated in ``READ_CHUNK_BYTES``
-pieces, each bounded so that the output never passes its declared size by more than one byte;
-its CRC-32 must match. Anything else raises ``ReferenceWeightsError`` naming the file and the
-problem (a plain ``.npy`` file included); a missing path raises ``FileNotFoundError``. Neither
-``zipfile`` nor any of its exceptions is used.
+``read_weights_member(path) -> WeightsMember`` reads a regular file of at most
+``MAX_FILE_BYTES`` once (the type and size checked on the open descriptor, opened with
+``O_NONBLOCK`` so a FIFO cannot block), hashes exactly those bytes (``sha256``: the path is never
+opened again, so a file swapped after the read cannot change what is recorded), and returns the
+uncompressed bytes of its one member ``w.npy``: a zip archive holding exactly that member, stored
+or deflated (the two methods numpy writes), not encrypted, not ZIP64, not split, declaring at
+most ``MAX_MEMBER_BYTES``. The member is inflated in ``READ_CHUNK_BYTES`` pieces, each bounded so
+that the output never passes its declared size by more than one byte; its CRC-32 must match.
+Anything else raises ``ReferenceWeightsError`` naming the file and the problem (a plain ``.npy``
+file included); a missing path raises ``FileNotFoundError``. Neither ``zipfile`` nor any of its
+exceptions is used.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import os
 import stat
 import struct
@@ -65,14 +70,27 @@ class _ZipMember:
     header_offset: int
 
 
-def _open_weight_file(path: str):
-    """Opens ``path`` for reading if it is a regular file within ``MAX_FILE_BYTES``.
+@dataclasses.dataclass(frozen=True)
+class WeightsMember:
+    """What one read of a weight file gave: ``data`` (the ``w.npy`` bytes), ``sha256`` (hex,
+    of the file bytes that were parsed) and ``file_bytes`` (how many there were)."""
 
-    ``O_NONBLOCK`` keeps a FIFO from blocking the open; the type is checked on the open
-    descriptor, so a path swapped after a check cannot slip a device or FIFO in.
+    data: bytes
+    sha256: str
+    file_bytes: int
+
+
+def read_whole_file(path: str) -> bytes:
+    """The bytes of ``path``, read once, if it is a regular file within ``MAX_FILE_BYTES``.
+
+    ``O_NONBLOCK`` keeps a FIFO from blocking the open; the type and size are checked on the
+    open descriptor (``fstat``), so a path swapped before the open cannot slip a device or FIFO
+    in, and reading stops one byte past the cap, so a file that grows after the check cannot
+    make us read more.
     """
     try:
-        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+                             | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise FileNotFoundError(f"no weight file at {path!r}") from None
     except OSError as error:
@@ -87,10 +105,24 @@ def _open_weight_file(path: str):
             raise ReferenceWeightsError(
                 f"{path}: {info.st_size} bytes, more than the {MAX_FILE_BYTES} a weight file may "
                 f"have (a released file is about 3.5 MB)")
-        return os.fdopen(descriptor, "rb"), info.st_size
-    except BaseException:
+        # One request for the whole file (one buffer, no copies), then small ones to its end.
+        pieces, total, request = [], 0, info.st_size + 1
+        while total <= MAX_FILE_BYTES:
+            block = os.read(descriptor, min(request, MAX_FILE_BYTES + 1 - total))
+            if not block:
+                break
+            pieces.append(block)
+            total += len(block)
+            request = READ_CHUNK_BYTES
+    except OSError as error:  # an I/O error while reading a file that opened
+        raise ReferenceWeightsError(f"{path}: cannot read: {error.strerror or error}") from None
+    finally:
         os.close(descriptor)
-        raise
+    if total > MAX_FILE_BYTES:
+        raise ReferenceWeightsError(
+            f"{path}: grew past the {MAX_FILE_BYTES} bytes a weight file may have while it was "
+            f"read")
+    return b"".join(pieces)
 
 
 def _read_at(handle, offset: int, length: int, what: str, source: str) -> bytes:
@@ -328,14 +360,13 @@ def _read_member(handle, member: _ZipMember, data_limit: int, source: str) -> by
     return bytes(output)
 
 
-def read_weights_member(path: str) -> bytes:
-    """The uncompressed bytes of ``w.npy`` in the weight file at ``path`` (see the module
-    docstring for what is accepted)."""
-    handle, file_size = _open_weight_file(path)
-    with handle:
-        try:
-            members, directory_offset = _zip_members(handle, file_size, path)
-            member = _select_weights_member(members, path)
-            return _read_member(handle, member, directory_offset, path)
-        except OSError as error:  # an I/O error while reading a file that opened
-            raise ReferenceWeightsError(f"{path}: cannot read: {error}") from None
+def read_weights_member(path: str) -> WeightsMember:
+    """Reads the weight file at ``path`` once; returns its ``w.npy`` bytes and the sha256 of
+    the file bytes they came from (see the module docstring for what is accepted)."""
+    content = read_whole_file(path)
+    digest = hashlib.sha256(content).hexdigest()
+    handle = io.BytesIO(content)  # parsed from the bytes that were hashed, never the path
+    members, directory_offset = _zip_members(handle, len(content), path)
+    member = _select_weights_member(members, path)
+    data = _read_member(handle, member, directory_offset, path)
+    return WeightsMember(data, digest, len(content))

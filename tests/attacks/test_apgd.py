@@ -439,3 +439,58 @@ def test_bad_arguments_fail_clearly(classifier, held_out):
         apgd_lib.apgd_targeted(classifier, images, labels, 0.1, n_target_classes=0)
     with pytest.raises(ValueError, match="4 classes"):
         apgd_lib.apgd_targeted(lambda x: tf.reshape(x, [-1, 64])[:, :3], images, labels, 0.1)
+
+
+# ------------------------------------------- deviations from AutoAttack's code, each pinned
+# (docs/internals/evaluation.md lists them; a change to any must change these tests.)
+def autoattack_checkpoints(steps):
+    """AutoAttack's integer recurrence: first at int(0.22 n), then the gap shrinks by
+    int(0.03 n) down to int(0.06 n) (``autopgd_base.py``)."""
+    gap, decrease, minimum = (max(int(0.22 * steps), 1), max(int(0.03 * steps), 1),
+                              max(int(0.06 * steps), 1))
+    points, at = [], 0
+    while at + gap <= steps:
+        at += gap
+        points.append(at)
+        gap = max(gap - decrease, minimum)
+    return points
+
+
+def test_deviation_checkpoint_rounding_follows_the_paper_not_autoattacks_recurrence():
+    assert apgd_steps.checkpoints(100) == autoattack_checkpoints(100)  # equal at 100
+    assert autoattack_checkpoints(50) == [11, 21, 30, 38, 45]
+    assert apgd_steps.checkpoints(50) == [11, 21, 29, 35, 40, 44, 47, 50]
+
+
+def test_deviation_condition_one_is_strict():
+    # rho * 20 = 15 rises exactly: AutoAttack (<=) halves, the paper's "<" keeps the step.
+    decision = apgd_steps.halving_decision(
+        increases=np.array([15.0, 14.0]), span=20, halved_at_last_check=np.array([True, True]),
+        best_loss=np.array([2.0, 2.0]), best_loss_at_check=np.array([1.0, 1.0]))
+    np.testing.assert_array_equal(decision.numpy(), [False, True])
+
+
+def test_deviation_condition_two_applies_at_the_first_checkpoint():
+    # No halving before the first checkpoint (halved_at_last_check False) and a stalled best
+    # loss: halve (AutoAttack starts with reduced_last_check = 1, which switches this off).
+    decision = apgd_steps.halving_decision(
+        increases=np.array([20.0]), span=20, halved_at_last_check=np.array([False]),
+        best_loss=np.array([1.0]), best_loss_at_check=np.array([1.0]))
+    assert bool(decision.numpy()[0])
+
+
+def test_deviation_linf_random_start_is_uniform_in_the_cube():
+    # AutoAttack rescales each example's uniform draw so its largest coordinate is exactly
+    # eps; ours is uniform in the cube (max |delta| < eps, mean |delta| = eps / 2).
+    images = np.full((4, 16, 16, 1), 0.5, np.float32)
+    eps = 0.1
+    start = apgd_steps.random_start(tf.constant(images), tf.constant(eps), "linf",
+                                    tf.random.Generator.from_seed(0)).numpy()
+    delta = np.abs(start - images).reshape(4, -1)
+    assert np.all(delta.max(axis=1) <= eps + 1e-7)
+    assert np.all(delta.max(axis=1) < eps * (1 - 1e-6))
+    assert abs(delta.mean() - eps / 2) < 0.01 * eps * 5
+    l2 = apgd_steps.random_start(tf.constant(images), tf.constant(1.0), "l2",
+                                 tf.random.Generator.from_seed(0)).numpy()
+    np.testing.assert_allclose(np.linalg.norm((l2 - images).reshape(4, -1), axis=1), 1.0,
+                               rtol=1e-5)  # L2: on the sphere, as AutoAttack

@@ -266,3 +266,18 @@ def test_an_attack_leaving_its_ball_stops_the_protocol():
     sizes = (0.5,)  # an FGSM step of 0.5 at eps 0.2
     with pytest.raises(ValueError, match="ball"):
         _run_cascade(False, sizes)
+
+
+def test_the_smoothed_surrogate_runs_once_per_temperature_with_its_own_label():
+    classifier, _ = attack_fixtures.tiny_classifier()
+    purifier, _ = attack_fixtures.tiny_comdefend()
+    images, labels = attack_fixtures.attack_batch()
+    protocol = adaptive.Protocol(eps={"linf": [0.1]}, headline_eps=0.1, defenses=["comdefend"],
+                                 threat_models=["bpda_smooth", "gradient_free"], losses=["ce"],
+                                 temperatures=(5, 10), ablation_steps=[], ablation_eot=[],
+                                 ablation_restarts=[])
+    plan = adaptive.Evaluation(adaptive.Models(classifier, purifier), images, labels, protocol)
+    attacks = plan.cascade("comdefend", "linf", 0.1, True)
+    assert [a.label for a in attacks] == ["bpda_smooth(T=5)/apgd-ce",
+                                          "bpda_smooth(T=10)/apgd-ce", "gradient_free/square"]
+    assert [a.temperature for a in attacks] == [5.0, 10.0, None]

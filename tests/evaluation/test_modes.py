@@ -139,7 +139,8 @@ def test_adaptive_modes_merge_every_result_of_the_second_run():
     protocol = adaptive.Protocol(eps={"linf": [0.2]}, headline_eps=0.2, steps=3, eot_samples=1,
                                  losses=("ce",), threat_models=("oblivious", "bpda_eot"),
                                  defenses=("none", "comdefend"), ablation_steps=(),
-                                 ablation_eot=(), square_queries=5, batch_size=64)
+                                 ablation_eot=(), ablation_restarts=(), square_queries=5,
+                                 batch_size=64)
     results = modes.run_adaptive_modes(adaptive.Models(classifier, purifier), retrained,
                                        images[:10], labels[:10], protocol)
     assert list(results["clean"]) == ["none", "comdefend", "comdefend_train_test"]

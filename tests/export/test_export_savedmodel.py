@@ -135,6 +135,36 @@ def test_saved_model_cli_run_refuses_a_rank_3_tensor_with_a_clear_error(exported
     assert "images must be a rank-4 tensor" in result.stderr
 
 
+def test_saved_model_cli_run_refuses_hostile_requests_by_name(exported, tmp_path):
+    # Issue 21, in the session-based loader: declared sizes whose int64 sum wraps around,
+    # 1 MB of garbage as a tf.train.Example (its parse error used to quote it whole, raw) and
+    # a JPEG whose scan is cut short, each refused by name with a short message.
+    from tests.fixtures import hostile_requests_round2 as round2
+    from tests.fixtures.hostile_requests import png_with_header
+
+    valid = tf.io.encode_png(np.zeros((8, 8, 1), np.uint8)).numpy()
+    huge = png_with_header(2 ** 31 - 1, 2 ** 31 - 1)
+    garbage = np.random.RandomState(0).randint(1, 256, 1 << 20, dtype=np.uint8).tobytes()
+    photo = np.random.RandomState(1).randint(0, 256, (16, 16, 3)).astype(np.uint8)
+    requests = {
+        "wrap": ("purify_bytes", "image_bytes", [valid] + [huge] * 4, "alone declares"),
+        "garbage": ("purify_examples", "examples", [garbage],
+                    "is not a serialized tf.train.Example"),
+        "cut": ("purify_bytes", "image_bytes",
+                [round2.scan_cut(round2._pillow_jpeg(photo, quality=90), 0.5)],
+                "truncated JPEG"),
+    }
+    for name, (signature, input_name, values, expected) in requests.items():
+        np.save(tmp_path / f"{name}.npy", np.array(values, dtype=object), allow_pickle=True)
+        result = _run([SAVED_MODEL_CLI, "run", "--dir", exported["version_dir"], "--tag_set",
+                       "serve", "--signature_def", signature, "--inputs",
+                       f"{input_name}={tmp_path / f'{name}.npy'}"])
+        assert result.returncode != 0, name
+        assert "InvalidArgumentError" in result.stderr and expected in result.stderr, (
+            name, result.stderr[-2000:])
+        assert len(result.stderr) < 100_000, name  # not the 1 MB request echoed back
+
+
 # ---------------------------------------------------------------- fresh process, op registry
 FRESH_PROCESS_SCRIPT = textwrap.dedent("""
     import json, sys

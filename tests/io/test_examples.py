@@ -75,3 +75,29 @@ def test_parse_example_reads_what_to_example_wrote_and_defaults_the_rest():
     encoded = examples.parse_encoded(tf.constant([written, _example(b"x", 1),
                                                   tf.train.Example().SerializeToString()]))
     assert encoded.numpy().tolist() == [png, b"x", b""]
+
+
+def test_unparsable_finds_the_records_the_parser_would_fail_on_without_raising():
+    png = _png_bytes(np.zeros((2, 3), np.uint8))
+    garbage = np.random.RandomState(0).randint(0, 256, 4096, dtype=np.uint8).tobytes()
+    as_ints = tf.train.Example(features=tf.train.Features(feature={
+        examples.FEATURE_ENCODED: tf.train.Feature(int64_list=tf.train.Int64List(value=[7]))}))
+    two_values = tf.train.Example(features=tf.train.Features(feature={
+        examples.FEATURE_ENCODED: tf.train.Feature(bytes_list=tf.train.BytesList(
+            value=[png, png]))}))
+    records = [_example(png), garbage, tf.train.Example().SerializeToString(),
+               as_ints.SerializeToString(), two_values.SerializeToString(), _example(png)[:9],
+               b"", _example(b"\xff\xfe", label=3)]
+    expected = [False, True, False, True, True, True, False, False]
+    assert examples.unparsable(tf.constant(records)).numpy().tolist() == expected
+    in_graph = tf.function(examples.unparsable, input_signature=[tf.TensorSpec([None],
+                                                                               tf.string)])
+    assert in_graph(tf.constant(records)).numpy().tolist() == expected
+    assert in_graph(tf.zeros([0], tf.string)).numpy().tolist() == []
+    # Every record the check passes parses; every one it flags makes the parser raise.
+    parsable = [record for record, bad in zip(records, expected) if not bad]
+    assert examples.parse_encoded(tf.constant(parsable)).shape == (len(parsable),)
+    for record, bad in zip(records, expected):
+        if bad:
+            with pytest.raises((tf.errors.InvalidArgumentError, UnicodeDecodeError)):
+                examples.parse_encoded(tf.constant([record]))

@@ -208,3 +208,78 @@ def test_corrupt_exif_is_ignored(tmp_path):
         path = tmp_path / "odd.png"
         path.write_bytes(data)
         assert image_io.read_image(str(path)).shape == (2, 3, 1)
+
+
+# ------------------------------------------- issue 21: quoting, work per byte, truncated scans
+def test_escaped_prefix_quotes_at_most_64_bytes_in_ascii():
+    quote = tf.function(graph_headers.escaped_prefix)
+    assert quote(tf.constant(b"ab\\c\x00\xff\n")).numpy() == b"ab\\x5cc\\x00\\xff\\x0a"
+    long = quote(tf.constant(bytes(range(256)) * 4096)).numpy()
+    assert long.endswith(b"...") and long.isascii() and long.count(b"\\x") <= 64
+    assert quote(tf.constant(b"")).numpy() == b""
+
+
+def test_check_payloads_bounds_jpeg_pixels_per_byte_of_file():
+    bound = graph_headers.MAX_JPEG_PIXELS_PER_SCAN_BYTE
+    data = CORPUS["baseline JPEG"]
+    png = CORPUS["8-bit RGB PNG"]
+
+    checked = tf.function(graph_headers.check_payloads)
+
+    def check(height, width, is_png=False):
+        return checked(tf.constant([png, data]), tf.constant([1, height], tf.int64),
+                       tf.constant([1, width], tf.int64), tf.constant([True, is_png]))
+
+    assert check(bound, len(data)).shape == (2,)  # exactly the bound: accepted
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"element\] \[1\] \[is a truncated JPEG.*pixels per byte"):
+        check(bound, len(data) + 1)
+    assert check(bound, len(data) + 1, is_png=True).shape == (2,)  # PNGs are not bounded here
+
+
+def _jpeg_variants() -> dict[str, bytes]:
+    rng = np.random.default_rng(21)
+    photo = rng.integers(0, 256, (37, 45, 3), dtype=np.uint8)
+    return {
+        "baseline 4:2:0": _pillow(photo, "JPEG", quality=90),
+        "baseline 4:4:4": _pillow(photo, "JPEG", quality=95, subsampling=0),
+        "progressive": _pillow(photo, "JPEG", progressive=True),
+        "progressive optimised": _pillow(photo, "JPEG", progressive=True, optimize=True),
+        "grey": _pillow(photo[..., 0], "JPEG"),
+        "restart markers": _pillow(photo, "JPEG", restart_marker_rows=1),
+        "CMYK": _pillow(photo, "JPEG", mode="CMYK"),
+        "TensorFlow's encoder": tf.io.encode_jpeg(photo).numpy(),
+        "1x1": _pillow(photo[:1, :1], "JPEG"),
+        "flat, optimised": _pillow(np.full((16, 16), 128, np.uint8), "JPEG", optimize=True,
+                                   quality=5),
+        "trailing bytes after the end marker": _pillow(photo, "JPEG") + b"\x00\x01" * 40,
+    }
+
+
+JPEG_VARIANTS = _jpeg_variants()
+
+
+@pytest.mark.parametrize("name", sorted(JPEG_VARIANTS))
+def test_complete_jpegs_decode_as_libjpeg_decodes_them(name):
+    data = JPEG_VARIANTS[name]
+    expected = tf.io.decode_jpeg(data, channels=3).numpy() / 255.0
+    decoded = graph_headers.decode_image_bytes(tf.constant(data), 3).numpy()
+    np.testing.assert_allclose(decoded, expected, atol=1e-7)
+
+
+def _scan_cut(jpeg: bytes, fraction: float) -> bytes:
+    start = jpeg.rindex(b"\xff\xda")
+    start += 2 + struct.unpack(">H", jpeg[start + 2:start + 4])[0]
+    data = jpeg[:start + int((jpeg.rindex(b"\xff\xd9") - start) * fraction)]
+    return data.rstrip(b"\xff") + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("name", ["baseline 4:2:0", "baseline 4:4:4", "progressive", "grey",
+                                  "restart markers", "CMYK"])
+@pytest.mark.parametrize("fraction", [0.0, 0.4, 0.9])
+def test_a_jpeg_whose_last_scan_is_cut_is_refused(name, fraction):
+    cut = _scan_cut(JPEG_VARIANTS[name], fraction)
+    tf.io.decode_jpeg(cut)  # libjpeg alone accepts it, filling the missing blocks
+    for channels in (1, 3):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="truncated JPEG"):
+            graph_headers.decode_image_bytes(tf.constant(cut), channels)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -325,3 +326,77 @@ def test_the_command_and_the_serving_signatures_read_the_same_values(tmp_path):
             np.testing.assert_array_equal(
                 image_io.read_image(str(tmp_path / name), channels=channels), served,
                 err_msg=f"{name} with {channels} channel(s)")
+
+
+def test_write_without_replace_keeps_what_is_there(tmp_path):
+    out = tmp_path / "out.png"
+    out.write_bytes(b"another run's output")
+    with pytest.raises(FileExistsError):
+        image_io.write_png(str(out), np.zeros((2, 2, 3), np.float32), replace=False)
+    assert out.read_bytes() == b"another run's output"
+    assert os.listdir(tmp_path) == ["out.png"]  # the temporary file is gone
+    fresh = tmp_path / "fresh.png"
+    image_io.write_png(str(fresh), np.zeros((2, 2, 3), np.float32), replace=False)
+    assert np.asarray(Image.open(fresh)).shape == (2, 2, 3)
+
+
+# ------------------------------------------------------------ decoding work per input byte
+
+def test_hostile_payloads_are_refused_before_any_decoder_runs(tmp_path, monkeypatch):
+    from tests.fixtures import hostile_files
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a decoder ran on a file the payload check must refuse")
+
+    monkeypatch.setattr(tf.io, "decode_png", no_decoding)
+    monkeypatch.setattr(tf.io, "decode_jpeg", no_decoding)
+    hostile = [case for case in hostile_files.FILE_CASES if case.keywords is not None]
+    assert len(hostile) >= 8
+    for case in hostile:
+        path = hostile_files.write_case(str(tmp_path), case)
+        with pytest.raises(image_io.ImageReadError) as refused:
+            image_io.read_image(path)
+        message = str(refused.value)
+        assert case.name in message
+        assert all(word.lower() in message.lower() for word in case.keywords), message
+
+
+@pytest.mark.parametrize("options", [
+    {"quality": 75, "optimize": True}, {"quality": 95, "progressive": True, "optimize": True},
+    {"quality": 90, "restart_marker_rows": 1}, {"quality": 90, "restart_marker_blocks": 3,
+                                                 "subsampling": 0},
+    {"quality": 75, "restart_marker_rows": 2, "progressive": True}])
+@pytest.mark.parametrize("content", ["flat grey", "flat colour", "noise"])
+def test_valid_jpegs_at_any_compression_pass_the_payload_check(tmp_path, options, content):
+    rng = np.random.default_rng(4)
+    pixels = {"flat grey": np.full((333, 517), 77, np.uint8),
+              "flat colour": np.full((333, 517, 3), (250, 3, 128), np.uint8),
+              "noise": rng.integers(0, 256, (333, 517, 3), dtype=np.uint8)}[content]
+    path = str(tmp_path / "x.jpg")
+    Image.fromarray(pixels).save(path, format="JPEG", **options)
+    assert image_io.read_image(path).shape[:2] == (333, 517)
+
+
+def test_png_inflate_bound_is_deflates_own_limit(tmp_path):
+    # A flat 1-bit 4000x3000 PNG deflated at level 9: ~7,800 pixels per byte, read.
+    row = b"\x00" + b"\x00" * 500
+    data = raw_png_rows(4000, 3000, 1, 0, zlib.compress(row * 3000, 9))
+    path = tmp_path / "flat.png"
+    path.write_bytes(data)
+    assert 4000 * 3000 / len(data) > 7000
+    assert image_io.read_image(str(path)).shape == (3000, 4000, 1)
+    # The same declaration with one IDAT byte fewer than 1 per 1,032 bytes of pixels: refused.
+    needed = -(-3000 * 500 // 1032)
+    short = raw_png_rows(4000, 3000, 1, 0, b"\x78" * (needed - 1))
+    path.write_bytes(short)
+    with pytest.raises(image_io.ImageReadError, match=f"{needed - 1:,} bytes of image data"):
+        image_io.read_image(str(path))
+
+
+def raw_png_rows(width, height, bit_depth, colour_type, idat: bytes) -> bytes:
+    """A PNG with the given IHDR and ``idat`` as its only IDAT chunk."""
+    from tests.io.encoded import chunk
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))

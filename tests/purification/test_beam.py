@@ -126,7 +126,8 @@ def test_manifest_counts_match_the_outputs(multiprocess_run, digit_folder):
         manifest = json.load(handle)
     assert (manifest["inputs"], manifest["purified"], manifest["refused"]) == (63, 60, 3)
     assert manifest["refused_by_reason"] == {"unreadable": 1, "too_large": 1,
-                                             "wrong_channels": 1, "unsafe_file": 0}
+                                             "wrong_channels": 1, "unsafe_file": 0,
+                                             "model_refused": 0, "cannot_write": 0}
     all_files = glob.glob(os.path.join(digit_folder, "*", "*.png"))
     assert manifest["input_bytes"] == sum(os.path.getsize(p) for p in all_files)
     examples = _examples(output_dir)

@@ -113,7 +113,7 @@ def test_reason_words_follow_the_reader_errors():
     assert refusals.reason_of(image_io.UnsupportedFormatError("x")) == refusals.UNREADABLE
     assert refusals.reason_of(FileNotFoundError("x")) == refusals.UNREADABLE
     assert list(refusals.REASONS) == ["unreadable", "too_large", "wrong_channels",
-                                      "unsafe_file"]
+                                      "unsafe_file", "model_refused", "cannot_write"]
 
 
 def test_refusal_lines_quote_names_and_drop_the_repeated_name():
@@ -129,3 +129,24 @@ def test_refusal_lines_quote_names_and_drop_the_repeated_name():
     assert json.loads(entry.to_json()) == {"key": name, "reason": "unsafe_file",
                                            "detail": "dangling symbolic link"}
     assert refusals.Refusal.from_json(entry.to_json()) == entry
+
+
+# ------------------------------------------------------------------- the command's outputs
+def test_an_output_folder_that_is_not_a_folder_is_refused_by_the_plan(tmp_path):
+    from tests.fixtures import hostile_files
+
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    _png(image)
+    for situation, make in hostile_files.OUTPUT_SITUATIONS.items():
+        root = tmp_path / situation.replace(" ", "_")
+        root.mkdir()
+        output_dir = make(str(root))
+        with pytest.raises(plan.OutputPlanError, match="not a folder") as refused:
+            plan.plan_outputs([str(image)], output_dir, overwrite=True)
+        assert repr(output_dir) in str(refused.value), situation
+    # A folder, an existing one, or one to be created below folders: accepted.
+    assert plan.plan_outputs([str(image)], str(tmp_path / "new" / "deeper"))
+    (tmp_path / "real_out").mkdir()
+    os.symlink(tmp_path / "real_out", tmp_path / "out_link")
+    assert plan.plan_outputs([str(image)], str(tmp_path / "out_link"))

@@ -427,3 +427,89 @@ def test_purify_examples_equals_purify_bytes_and_keeps_its_checks(gray_purifier)
     assert "too many pixels" in too_large
     assert "rank-1" in _error_message(
         lambda: signatures["purify_examples"](tf.constant([[_example(encoded[0])]])))
+
+
+# ------------------------------------------- issue 21: sums that wrap, garbage, short messages
+from tests.fixtures import hostile_requests_round2 as round2  # noqa: E402
+
+_HUGE = png_with_header(2 ** 31 - 1, 2 ** 31 - 1)
+
+
+def test_declared_sizes_that_wrap_an_int64_sum_are_refused_before_decoding(rgb_purifier):
+    # Four (2**31-1)**2 declarations sum to -17,179,869,180 in int64: the old check passed and
+    # decoded the valid image first. The element over the budget is refused on its own.
+    assert (4 * (2 ** 31 - 1) ** 2 + 2 ** 63) % 2 ** 64 - 2 ** 63 < 0
+    signatures = _signatures(rgb_purifier)  # default max_pixels
+    valid = tf.io.encode_png(np.zeros((300, 300, 3), np.uint8)).numpy()
+    message = _error_message(lambda: signatures["purify_bytes"](
+        tf.constant([valid, _HUGE, _HUGE, _HUGE, _HUGE])))
+    assert "too many pixels" in message and "alone declares" in message
+    assert "element] [1]" in message and "[2147483647 2147483647]" in message
+    assert "Invalid PNG" not in message  # refused before any decoder ran
+    examples = _error_message(lambda: signatures["purify_examples"](tf.constant(
+        [round2.example([valid])] + [round2.example([_HUGE])] * 4)))
+    assert "too many pixels" in examples and "alone declares" in examples
+
+
+def test_the_sum_of_sizes_each_within_the_budget_is_exact(rgb_signatures):
+    # max_pixels=3000: each at the budget passes alone, the running sum names the total.
+    at_budget = [png_with_header(3000, 1), png_with_header(1, 3000), png_with_header(1, 1)]
+    message = _error_message(lambda: rgb_signatures["purify_bytes"](tf.constant(at_budget)))
+    assert "too many pixels" in message and "in total" in message
+    assert "elements 0 to] [1]" in message and "[6000]" in message
+
+
+def test_the_float_pixel_check_cannot_wrap():
+    from comdefend_tf.serving.request_checks import _product_at_most
+
+    check = tf.function(lambda factors: _product_at_most([factors[0], factors[1], factors[2]],
+                                                         4096 * 4096))
+    # 2**32 cubed is 0 in int64 and (2**21 + 1)**3 wraps to a small number: both refused.
+    for factors in ([2 ** 32] * 3, [2 ** 21 + 1] * 3, [1, 4097, 4096], [0, 5, 5]):
+        assert not bool(check(tf.constant(factors, tf.int64))), factors
+    for factors in ([1, 4096, 4096], [16, 1024, 1024], [1, 1, 1]):
+        assert bool(check(tf.constant(factors, tf.int64))), factors
+    with pytest.raises(ValueError, match="max_pixels"):
+        ExportSettings(max_pixels=2 ** 62)
+
+
+def test_purify_examples_refuses_garbage_with_a_short_ascii_message(gray_purifier):
+    signatures = _signatures(gray_purifier)
+    garbage = np.random.RandomState(0).randint(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    # Before: UnicodeDecodeError (the parser quoted the whole record, raw) of over 1 MB.
+    message = _error_message(lambda: signatures["purify_examples"](tf.constant([garbage])))
+    refusal = message[message.index("assertion failed"):]  # after the node's Python trace
+    assert len(refusal) < 1024 and message.isascii()
+    assert "is not a serialized tf.train.Example" in refusal and "[1048576]" in refusal
+    assert "\\\\xac\\\\x0a\\\\x7f" in message  # the first bytes, escaped (backslashes doubled)
+    valid = tf.io.encode_png(np.zeros((4, 4, 1), np.uint8)).numpy()
+    for bad in (round2.example(ints=[1]), round2.example([valid, valid]), b"\xff\xfe\x00"):
+        second = _error_message(lambda: signatures["purify_examples"](
+            tf.constant([round2.example([valid]), bad])))
+        assert "examples element] [1]" in second
+        assert len(second[second.index("assertion failed"):]) < 1024
+    too_many = _error_message(lambda: _signatures(gray_purifier, max_batch_size=2)[
+        "purify_examples"](tf.constant([garbage] * 3)))
+    assert "too many images" in too_many  # capped before any record is parsed
+
+
+def test_jpegs_whose_scan_data_is_cut_are_refused(rgb_signatures):
+    purify_bytes = rgb_signatures["purify_bytes"]  # max_pixels=3000
+    photo = np.random.RandomState(5).randint(0, 256, (40, 30, 3)).astype(np.uint8)
+    jpeg = round2._pillow_jpeg(photo, quality=90)
+    assert purify_bytes(tf.constant([jpeg, jpeg + b"\x00" * 50]))[
+        "purified_png_bytes"].shape == (2,)
+    for fraction in (0.2, 0.6, 0.95):
+        message = _error_message(lambda: purify_bytes(tf.constant(
+            [jpeg, round2.scan_cut(jpeg, fraction)])))
+        assert "truncated JPEG" in message, fraction
+
+
+def test_a_jpeg_declaring_more_pixels_than_its_bytes_can_code_is_refused(rgb_purifier):
+    purify_bytes = _signatures(rgb_purifier)["purify_bytes"]  # default max_pixels
+    tiny = round2.tiny_jpeg_declaring(2000, 2000)  # 4 million pixels in a few hundred bytes
+    assert len(tiny) < 1000
+    valid = tf.io.encode_png(np.zeros((3, 3, 3), np.uint8)).numpy()
+    message = _error_message(lambda: purify_bytes(tf.constant([valid, tiny])))
+    assert "pixels per byte" in message and "element] [1]" in message
+    assert "[2000 2000]" in message and "scan data ends" not in message  # before decoding

@@ -50,7 +50,8 @@ def report_run(tmp_path_factory, second_classifier_dir):
         "--inference_noise_std=1.0", "--num_examples=12", "--eps=0.2", "--l2_eps=1.0",
         "--sanity_eps=0.5", "--steps=3", "--eot_samples=2", "--square_queries=5",
         "--target_classes=2", "--ablation_steps=2,3", "--ablation_eot=1,2",
-        "--ablation_examples=6", f"--output_dir={output_dir}")
+        "--ablation_restarts=1,2", "--ablation_examples=6", "--verify_draws=6",
+        "--temperatures=10", f"--output_dir={output_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(output_dir, report.REPORT_JSON)) as handle:
         payload = json.load(handle)
@@ -70,8 +71,11 @@ def test_report_rows_have_every_promised_column(report_run):
             assert row["robust_acc_strict"] <= row["robust_acc_majority"] + 1e-9
     assert "| " + " | ".join(adaptive.ROW_COLUMNS) + " |" in markdown
     threat_models = {row["threat_model"] for row in payload["rows"]}
-    assert {"white_box", "oblivious", "bpda_eot", "bpda_identity", "soft_path", "fixed_noise",
-            adaptive.FIXED_NOISE_SAME_DRAW, "transfer", "gradient_free"} <= threat_models
+    assert {"white_box", "oblivious", "bpda_eot", "bpda_identity", "soft_path", "bpda_smooth",
+            "fixed_noise", adaptive.FIXED_NOISE_SAME_DRAW, "transfer",
+            "gradient_free"} <= threat_models
+    assert {r["temperature"] for r in payload["rows"] if r["threat_model"] == "bpda_smooth"} \
+        == {10.0}
     attacks = {(row["threat_model"], row["attack"]) for row in payload["rows"]}
     for threat_model in ("oblivious", "bpda_eot", "bpda_identity", "transfer"):
         assert {(threat_model, a) for a in ("apgd-ce", "apgd-t", "apgd-dlr")} <= attacks
@@ -82,7 +86,9 @@ def test_report_rows_have_every_promised_column(report_run):
     bpda = [r for r in payload["rows"] if r["threat_model"] == "bpda_eot"
             and r["defense"] == "comdefend"]
     assert bpda and all(r["eot"] == 2 for r in bpda)
-    assert payload["clean"]["comdefend"]["draws"] == 2
+    # Attacks average 2 draws (--eot_samples); every point is verified over 6.
+    assert payload["clean"]["comdefend"]["draws"] == 6
+    assert "verification draws per point: 6" in markdown
 
 
 def test_worst_case_is_strict_and_majority_and_no_better_than_any_attack(report_run):
@@ -106,7 +112,20 @@ def test_report_states_cpu_seconds_and_has_its_evidence_and_plot(report_run):
     assert payload["cpu_seconds"] > 0
     assert payload["cpu_seconds_per_example"] == pytest.approx(payload["cpu_seconds"] / 12)
     assert "CPU-seconds in total" in markdown and "per example" in markdown
-    assert [(r["steps"], r["eot"]) for r in payload["ablation"]] == [(3, 1), (2, 2), (3, 2)]
+    assert [(r["steps"], r["eot"], r["restarts"]) for r in payload["ablation"]] == [
+        (3, 1, 1), (2, 2, 1), (3, 2, 1), (3, 2, 2)]
+    verdict = payload["convergence_verdict"]
+    assert set(verdict["ladders"]) == {"steps", "eot", "restarts"}
+    assert "### Convergence at L-inf" in markdown and "**Verdict: " in markdown
+    for worst in payload["worst_case"]:
+        assert len(worst["failure_rates"]) == 12
+        broken = [r for r in worst["failure_rates"] if r > 0]
+        assert len(broken) == round(12 * (worst["clean_acc_strict"]
+                                          - worst["robust_acc_strict"])) or not worst["full"]
+    shares = [c["code_gradient_share"] for c in payload["gradient_checks"]
+              if c["attack"].startswith("bpda_smooth")]
+    assert shares and all(0.0 <= s <= 1.0 for s in shares)
+    assert "Share of the code the surrogate's backward pass carries gradient" in markdown
     worst_so_far = [r["cumulative_worst_case"] for r in payload["ablation"]]
     assert worst_so_far == sorted(worst_so_far, reverse=True)
     assert payload["gradient_checks"] and all(

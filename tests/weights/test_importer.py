@@ -6,21 +6,19 @@ beside the repository); they skip when that folder is absent. Tolerances are the
 README's: logits atol 1e-2 (RGB) / 1e-3 (1 channel), bits equal wherever the stored logit is at
 least that far from 0, purified-from-stored-bits atol 1e-5, soft path atol 1e-4.
 
-The reader and error tests build their own files and always run, among them a subset of
-tools/hostile_weight_files.py's corpus read in this process (each refusal's message checked),
-the deflate-bomb allocation bounds (tracemalloc), and the whole corpus with each file imported
-in a child process (every hostile file refused, none crashing, the controls accepted).
+The reader and error tests build their own files and always run; the hostile corpus
+(tests/fixtures/hostile_weight_files.py) is exercised in test_hostile_files.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
 import subprocess
 import sys
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +50,10 @@ def write_release_file(path, arrays):
     with open(path, "wb") as handle:
         np.savez_compressed(handle, w=entries)
     return str(path)
+
+
+def _sha256_of(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def zero_arrays(config, network):
@@ -111,7 +113,7 @@ def test_synthetic_release_files_load_into_the_matching_config(tmp_path, config_
         np.testing.assert_array_equal(have, want)  # no transposition, no flip
     assert provenance["encoder_parameters"] == sum(a.size for a in encoder_arrays)
     assert provenance["encoder_released_as"] is None  # not one of the authors' files
-    assert provenance["encoder_sha256"] == reference.file_sha256(encoder_path)
+    assert provenance["encoder_sha256"] == _sha256_of(encoder_path)
 
 
 def test_inference_settings_are_applied(tmp_path):
@@ -228,6 +230,97 @@ def test_missing_file_raises_file_not_found(tmp_path):
         reference.read_weight_arrays(str(tmp_path / "nothing.npy"))
 
 
+# ----------------------------------------------- what is recorded is what was loaded
+def _gray_pair(folder, encoder_seed=1):
+    config = get_config("released_gray")
+    encoder_arrays = random_arrays(config, "encoder", encoder_seed)
+    encoder = write_release_file(folder / "enc.npy", encoder_arrays)
+    decoder = write_release_file(folder / "dec.npy", zero_arrays(config, "decoder"))
+    return encoder, decoder, encoder_arrays
+
+
+def _swap_after_reading(monkeypatch, target: str, replace) -> None:
+    """Runs ``replace(target)`` right after the importer's one read of ``target``."""
+    real_read = safe_zip.read_whole_file
+
+    def read_then_swap(path):
+        data = real_read(path)
+        if path == target:
+            replace(path)
+        return data
+
+    monkeypatch.setattr(safe_zip, "read_whole_file", read_then_swap)
+
+
+def test_provenance_names_the_bytes_loaded_when_the_path_is_swapped(tmp_path, monkeypatch):
+    """A released file swapped in after the read cannot be recorded for other weights."""
+    encoder, decoder, encoder_arrays = _gray_pair(tmp_path)
+    loaded_bytes = Path(encoder).read_bytes()
+    substitute = write_release_file(tmp_path / "substitute.npy", random_arrays(
+        get_config("released_gray"), "encoder", 7))
+    _swap_after_reading(monkeypatch, encoder, lambda path: os.replace(substitute, path))
+
+    model, provenance = reference.load_reference_model(encoder, decoder)
+
+    assert provenance["encoder_sha256"] == hashlib.sha256(loaded_bytes).hexdigest()
+    assert provenance["encoder_sha256"] != _sha256_of(encoder)  # the path now holds another
+    for have, want in zip(model.encoder.get_weights(), encoder_arrays, strict=True):
+        np.testing.assert_array_equal(have, want)
+
+
+def test_a_fifo_swapped_in_after_the_read_does_not_block_the_import(tmp_path, monkeypatch):
+    from tests.fixtures.hostile_weight_files import deadline
+
+    encoder, decoder, _ = _gray_pair(tmp_path)
+    loaded_bytes = Path(encoder).read_bytes()
+
+    def to_fifo(path):
+        os.unlink(path)
+        os.mkfifo(path)
+
+    _swap_after_reading(monkeypatch, encoder, to_fifo)
+    with deadline(120):  # the old second opening blocked here forever
+        _, provenance = reference.load_reference_model(encoder, decoder)
+    assert provenance["encoder_sha256"] == hashlib.sha256(loaded_bytes).hexdigest()
+
+
+def test_float16_within_the_allowance_loads_and_beyond_it_is_refused(tmp_path):
+    config = get_config("released_gray")  # the largest released network
+    half = [a.astype(np.float16) for a in random_arrays(config, "encoder", 3)]
+    arrays = reference.read_weight_arrays(write_release_file(tmp_path / "half.npy", half))
+    assert all(a.dtype == np.float32 for a in arrays)
+    assert sum(a.nbytes for a in arrays) == architectures.largest_network_float32_bytes()
+
+    # Distinct arrays (none listed twice), each within the pickle's own allowance, whose
+    # float32 copies would pass MAX_CONVERTED_BYTES: refused before any is converted.
+    count = reference.MAX_CONVERTED_BYTES // 4 // 4 + 1
+    big = [np.zeros(count, np.float16) for _ in range(4)]
+    with pytest.raises(reference.ReferenceWeightsError,
+                       match=rf"hold {16 * count} bytes as float32, more than the "
+                             rf"{reference.MAX_CONVERTED_BYTES}"):
+        reference.read_weight_arrays(write_release_file(tmp_path / "big.npy", big))
+
+
+@pytest.mark.parametrize("hostile_case", ["fifo", "zero_size_4d_float32",
+                                          "memo_listed_many_times"])
+def test_import_command_prints_an_error_line_for_a_hostile_encoder(tmp_path, hostile_case):
+    from comdefend_tf.cli import exit_codes
+    from tests.fixtures import hostile_weight_files as hostile
+
+    written, decoder = hostile.build_corpus(tmp_path, 1, names={hostile_case})
+    command = [sys.executable, "-m", "train.import_reference_weights",
+               f"--encoder_weights={written[0][1]}", f"--decoder_weights={decoder}",
+               f"--model_dir={tmp_path / 'model'}"]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == exit_codes.COULD_NOT_START, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and str(written[0][1]) in error_lines[0]
+    assert not (tmp_path / "model" / "comdefend.keras").exists()
+
+
 @pytest.fixture(scope="module")
 def paper_zero_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("paper_zero")
@@ -277,176 +370,6 @@ def test_mixed_architectures_are_reported(paper_zero_files):
         reference.load_reference_model(paper_zero_files["encoder"], gray_decoder)
 
 
-# -------------------------------------------------------------------- hostile weight files
-# A representative subset of tools/hostile_weight_files.py's corpus, read in this process so each
-# refusal's message can be checked; test_hostile_corpus_* below runs the whole corpus, each
-# file in a child process.
-HOSTILE_SUBSET = {
-    "ndarray_over_raw_pointers": "refusing to call numpy.ndarray",
-    "stack_global_allowed_ndarray": "refusing to call numpy.ndarray",
-    "obj_opcode": "opcode OBJ is not allowed",
-    "newobj_ndarray": "opcode NEWOBJ is not allowed",
-    "inst_opcode": "opcode INST is not allowed",
-    "persid_opcode": "opcode PERSID is not allowed",
-    "stack_global_exec": "refusing to unpickle the global builtins.exec",
-    "numpy_frombuffer_global": "refusing to unpickle the global numpy.frombuffer",
-    "object_state_raw_bytes": r"object array of shape \(18,\) with data",
-    "state_set_twice": "a second state for an array",
-    "dtype_state_tampered": "dtype 'f4' with state",
-    "nested_object_array": "entry 0 is a nested object array",
-    "int32_entries": "dtype 'i4' is not allowed",
-    "huge_declared_float_shape": r"shape \(2147483647, 2147483647\) needs 18446744056529682436 b",
-    "negative_shape": "negative dimension",
-    "memo_undefined": "memo entry 200, which was never stored",
-    "memo_self_cycle": "entry 0 is an array used before its state is set",
-    "memo_reuse_bomb": "a memory bomb",
-    "protocol5_next_buffer": "pickle protocol 5",
-    "trailing_data": "1048576 bytes after the pickle's end",
-    "header_huge_object_shape": r"shape \(1000000000000,\)",
-    "header_code": "not a valid .npy member",
-    "bzip2_bomb_small_declared": r"compression method 12 \(bzip2\)",
-    "lzma_bomb_small_declared": r"compression method 14 \(LZMA\)",
-    "deflate_bomb_small_declared": "more than the 4096 bytes it declares",
-    "encrypted_member": "is encrypted",
-    "unknown_method": r"compression method 77 \(unknown\)",
-    "truncated_archive": "truncated or corrupt zip archive",
-    "corrupt_crc": "CRC-32 mismatch",
-    "many_members": "declares 10000 members",
-    "duplicate_w_members": "holds exactly one",
-    "zip_slip_name": r"no 'w' entry \(members: \['../../w.npy'\]\)",
-    "local_name_mismatch": "the local header .* disagrees with the central directory",
-    "zip64_end_record": "ZIP64",
-    "fifo": "not a regular file",
-    "symlink_to_dev_zero": "not a regular file",
-    "plain_npy_with_code": "a plain .npy file, not an npz",
-    "nan_weights": "entry 0 holds non-finite values",
-}
-BOMB_MIB = 65  # just above MAX_MEMBER_BYTES (64 MiB), so the declared-at-cap bomb overflows it
-
-
-@pytest.fixture(scope="module")
-def hostile_subset(tmp_path_factory):
-    from tests.fixtures import hostile_weight_files
-
-    folder = tmp_path_factory.mktemp("hostile_subset")
-    written, _ = hostile_weight_files.build_corpus(folder, BOMB_MIB, names=set(HOSTILE_SUBSET))
-    return {item.name: (path, folder) for item, path in written}
-
-
-@pytest.mark.parametrize("name", sorted(HOSTILE_SUBSET))
-def test_hostile_file_is_refused_with_the_importers_error(hostile_subset, name):
-    path, folder = hostile_subset[name]
-    with pytest.raises(reference.ReferenceWeightsError, match=HOSTILE_SUBSET[name]) as error:
-        reference.read_weight_arrays(str(path))
-    assert str(path) in str(error.value)  # the message names the file
-    assert not (folder / f"{name}.code_ran").exists()
-
-
-def test_deflate_bomb_is_refused_without_allocating_it(tmp_path):
-    """A 256 MiB bomb declaring 4 KiB: refused after 4097 bytes, allocating under 1 MiB."""
-    import tracemalloc
-    from tests.fixtures import hostile_weight_files as hostile
-
-    data, crc = hostile.deflate_bomb(256)
-    assert len(data) < 300_000
-    # The bomb is real: the same data inflates far beyond its declaration.
-    assert len(zlib.decompressobj(-zlib.MAX_WBITS).decompress(data, 8 << 20)) == 8 << 20
-    path = tmp_path / "bomb.npy"
-    path.write_bytes(hostile.raw_zip([hostile.RawMember(data, 4096, crc)]))
-    tracemalloc.start()
-    try:
-        with pytest.raises(reference.ReferenceWeightsError,
-                           match=r"more than the 4096 bytes it declares \(refused after 4097 "):
-            reference.read_weight_arrays(str(path))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 1 << 20, f"reading the bomb allocated {peak} bytes"
-
-
-def test_bomb_declaring_the_cap_stops_reading_at_the_cap(tmp_path, monkeypatch):
-    """Declared sizes up to the cap are honoured, never exceeded: reading stops one byte past
-    the cap, holding about the cap, however far the data would inflate."""
-    import tracemalloc
-    from tests.fixtures import hostile_weight_files as hostile
-
-    cap = 2 << 20
-    monkeypatch.setattr(safe_zip, "MAX_MEMBER_BYTES", cap)
-    data, crc = hostile.deflate_bomb(64)
-    path = tmp_path / "bomb.npy"
-    path.write_bytes(hostile.raw_zip([hostile.RawMember(data, cap, crc)]))
-    tracemalloc.start()
-    try:
-        with pytest.raises(reference.ReferenceWeightsError,
-                           match=rf"more than the {cap} bytes it declares \(refused after "
-                                 rf"{cap + 1} bytes"):
-            reference.read_weight_arrays(str(path))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 2 * cap, f"reading a {cap}-byte cap allocated {peak} bytes"
-    path.write_bytes(hostile.raw_zip([hostile.RawMember(data, cap + 1, crc)]))
-    with pytest.raises(reference.ReferenceWeightsError,
-                       match=rf"would unpack to {cap + 1} bytes, more than the {cap}"):
-        reference.read_weight_arrays(str(path))
-
-
-@pytest.mark.parametrize("ending,outcome,detail", [
-    ("segfault", "crashed", "SIGSEGV"),
-    ("other", "other exception", "KeyError"),
-    ("hang", "timed out", "no answer"),
-    ("accept", "accepted", ""),
-])
-def test_child_process_check_classifies_every_ending(tmp_path, ending, outcome, detail):
-    """The harness counts a crash instead of dying with it, and tells the endings apart."""
-    import signal
-    import time
-    from tests.fixtures import hostile_weight_files as hostile
-
-    def importer(path, decoder_path):
-        if ending == "segfault":
-            os.kill(os.getpid(), signal.SIGSEGV)
-        elif ending == "other":
-            raise KeyError("not the importer's error")
-        elif ending == "hang":
-            time.sleep(30)
-
-    result = hostile.check_file(str(tmp_path / "x.npy"), str(tmp_path / "y.npy"),
-                                timeout_s=1.0, importer=importer)
-    assert result["outcome"] == outcome
-    assert detail in result["message"]
-
-
-def test_hostile_corpus_every_file_refused_none_crashing(tmp_path):
-    """tools/hostile_weight_files.py's whole corpus, each file imported in a child process."""
-    from tests.fixtures import hostile_weight_files as hostile
-
-    rows = hostile.run_corpus(tmp_path, bomb_mib=BOMB_MIB, timeout_s=60)
-    totals = hostile.summarize(rows)
-    failures = [(r["name"], r["outcome"], r["message"][:200]) for r in rows if not r["ok"]]
-    assert not failures
-    assert totals["hostile"] >= 30 and totals["refused"] == totals["hostile"]
-    assert totals["crashed"] == totals["code_ran"] == totals["accepted"] == 0
-    assert totals["controls"] == totals["controls_accepted"] >= 2
-    # A bomb may cost at most the member cap (plus the reader's own pieces), never its size.
-    assert totals["max_growth_mib"] < safe_zip.MAX_MEMBER_BYTES / 2 ** 20 * 1.5
-    assert not list(tmp_path.glob("*.code_ran"))
-
-
-def test_hostile_corpus_command_line_writes_json_and_exit_status(tmp_path):
-    from tests.fixtures import hostile_weight_files as hostile
-
-    output = tmp_path / "results.json"
-    status = hostile.main(["--case", "ndarray_over_raw_pointers", "--case", "control_assembled",
-                           "--keep", str(tmp_path / "corpus"), "--output", str(output)])
-    assert status == 0
-    import json
-    results = json.loads(output.read_text())
-    assert {row["name"]: row["outcome"] for row in results["cases"]} == {
-        "ndarray_over_raw_pointers": "refused", "control_assembled": "accepted"}
-    assert results["totals"]["all_ok"] is True
-
-
 # ------------------------------------------------------------------------- parity fixtures
 @pytest.fixture(scope="module")
 def reference_dir():
@@ -487,7 +410,7 @@ def test_weight_files_are_the_release(reference_dir):
         digest, name = line.split(maxsplit=1)
         sums[name.lstrip("*")] = digest
     for name in RGB_FILES + GRAY_FILES:
-        digest = reference.file_sha256(str(reference_dir / "weights" / name))
+        digest = _sha256_of(reference_dir / "weights" / name)
         assert digest == sums[f"weights/{name}"]
         assert reference.RELEASED_FILES_SHA256[digest] == name
 
@@ -631,7 +554,7 @@ def test_import_binary_writes_a_model_dir_that_loads(reference_dir, gray_model, 
     metrics = json.loads((model_dir / "metrics.json").read_text())
     config = json.loads((model_dir / "config.json").read_text())
     assert metrics["encoder_released_as"].startswith("enc_mnist.npy")
-    assert metrics["decoder_sha256"] == reference.file_sha256(str(weights / GRAY_FILES[1]))
+    assert metrics["decoder_sha256"] == _sha256_of(weights / GRAY_FILES[1])
     assert config["inference_noise_std"] == 0.5 and config["inference_mode"] == "hard"
 
     loaded = load_comdefend(str(model_dir), inference_noise_std=0.0)
