@@ -97,7 +97,7 @@ _SKIP_CHUNK_BYTES = 1 << 20
 
 def masked_crc32c(data: bytes) -> int:
     """The TFRecord format's masked CRC-32C of ``data``."""
-    import google_crc32c
+    google_crc32c = optional.require("google_crc32c", "beam", "checking TFRecord inputs")
 
     crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF

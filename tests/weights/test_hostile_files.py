@@ -182,11 +182,24 @@ def test_amplification_is_refused_with_memory_bounded(tmp_path, name):
 
 
 def test_hostile_corpus_every_file_refused_none_crashing(tmp_path):
-    """tools/hostile_weight_files.py's whole corpus, each file imported in a child process."""
-    from tests.fixtures import hostile_weight_files as hostile
+    """tools/hostile_weight_files.py's whole corpus, each file imported in a child process.
 
-    rows = hostile.run_corpus(tmp_path, bomb_mib=BOMB_MIB, timeout_s=60)
-    totals = hostile.summarize(rows)
+    Run as the command, in a fresh interpreter: the children fork from it, so their memory
+    figures do not depend on what this test worker has allocated before."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT, subprocess_env
+
+    output = tmp_path / "results.json"
+    completed = subprocess.run(
+        [sys.executable, "tools/hostile_weight_files.py", "--bomb-mib", str(BOMB_MIB),
+         "--keep", str(tmp_path / "corpus"), "--output", str(output)],
+        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    results = json.loads(output.read_text())
+    rows, totals = results["cases"], results["totals"]
     failures = [(r["name"], r["outcome"], r["message"][:200]) for r in rows if not r["ok"]]
     assert not failures
     assert totals["hostile"] >= 30 and totals["refused"] == totals["hostile"]
@@ -194,7 +207,7 @@ def test_hostile_corpus_every_file_refused_none_crashing(tmp_path):
     assert totals["controls"] == totals["controls_accepted"] >= 2
     # A bomb may cost at most the member cap (plus the reader's own pieces), never its size.
     assert totals["max_growth_mib"] < safe_zip.MAX_MEMBER_BYTES / 2 ** 20 * 1.5
-    assert not list(tmp_path.glob("*.code_ran"))
+    assert not list((tmp_path / "corpus").glob("*.code_ran"))
 
 
 def test_hostile_corpus_command_line_writes_json_and_exit_status(tmp_path):
