@@ -474,7 +474,8 @@ def apgd_targeted(model, images, labels, eps: float, norm: str = "linf", steps: 
     images, labels = _check_inputs(images, labels, eps, norm, steps, restarts, eot_iter)
     if n_target_classes < 1:
         raise ValueError(f"n_target_classes must be >= 1, got {n_target_classes}")
-    logits = clean_logits(model if judge is None else judge, images, eot_iter, batch_size, index_aware)
+    logits = clean_logits(model if judge is None else judge, images, eot_iter, batch_size,
+                          index_aware)
     num_classes = logits.shape[-1]
     if num_classes < 4:
         raise ValueError(f"the targeted DLR loss needs at least 4 classes, got {num_classes}")

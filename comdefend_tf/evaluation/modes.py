@@ -8,16 +8,16 @@
 Each protocol runs once per mode and the results are merged; nothing in the protocols changes.
 The second run evaluates the retrained classifier behind the purifier under the same threat
 models, so its rows mean what the first run's mean with that classifier in place of the
-original: ``oblivious`` attacks the retrained classifier alone (the attacker knows the
-deployed classifier, not the purifier), ``bpda_eot``/``bpda_identity``/``soft_path``/
-``bpda_smooth``/``fixed_noise``/``gradient_free`` differentiate or query the whole pipeline with the retrained
-classifier, ``transfer`` comes from the same second classifier. Its rows are renamed to the
-defense ``comdefend_train_test`` and carry every column of the others, plus ``classifier``
-(``original`` or ``purified``) on every row. The second run's ``undefended_success_rate`` /
-``undefended_success`` is measured against the retrained classifier without the purifier; its
-undefended reference (the retrained classifier alone, a composition it was not trained for) is
-kept out of the tables and reported as ``purified_classifier_without_purifier`` in the
-settings.
+original: ``oblivious`` attacks the retrained classifier alone (the attacker knows the deployed
+classifier, not the purifier), ``bpda_eot``/``bpda_identity``/``soft_path``/
+``bpda_smooth``/``fixed_noise``/``gradient_free`` differentiate or query the whole pipeline with
+the retrained classifier, ``transfer`` comes from the same second classifier. Its rows are
+renamed to the defense ``comdefend_train_test`` and carry every column of the others, plus
+``classifier`` (``original`` or ``purified``) on every row. The second run's
+``undefended_success_rate`` / ``undefended_success`` is measured against the retrained
+classifier without the purifier; its undefended reference (the retrained classifier alone, a
+composition it was not trained for) is kept out of the tables and reported as
+``purified_classifier_without_purifier`` in the settings.
 """
 
 from __future__ import annotations
