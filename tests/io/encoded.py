@@ -1,7 +1,9 @@
-"""Encoded images written by hand for the io tests: PNG chunks, 16-bit PNGs, a PNG bomb."""
+"""Encoded images written by hand for the io tests: PNG chunks, 16-bit PNGs, a PNG bomb, and
+tf.train.Example records built without the library's schema module."""
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 
@@ -37,3 +39,26 @@ def bomb_png() -> bytes:
     header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
             + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """Pillow's PNG encoding of uint8 ``pixels`` ([h, w] grey or [h, w, 3] RGB)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def example(encoded: bytes, label: int | None = None, shape=None) -> bytes:
+    """A serialized tf.train.Example with ``image/encoded`` and, if given, the label and
+    ``image/height``, ``image/width``, ``image/channels``."""
+    import tensorflow as tf
+
+    feature = {"image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded]))}
+    if label is not None:
+        feature["image/class/label"] = tf.train.Feature(int64_list=tf.train.Int64List(
+            value=[label]))
+    if shape is not None:
+        for name, value in zip(("height", "width", "channels"), shape):
+            feature[f"image/{name}"] = tf.train.Feature(int64_list=tf.train.Int64List(
+                value=[value]))
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()

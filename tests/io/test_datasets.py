@@ -9,6 +9,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from comdefend_tf.io import datasets as data
+from tests.io.encoded import example as _example, png_bytes as _png_bytes
 
 
 def _check(image_data, shape, num_classes, count=8):
@@ -136,26 +137,6 @@ def test_unknown_source_lists_the_choices():
 
 
 # ---------------------------------------------------------------------- tfrecord:GLOB
-def _png_bytes(pixels):
-    import io
-
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _example(encoded, label=None, shape=None):
-    import tensorflow as tf
-
-    feature = {"image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded]))}
-    if label is not None:
-        feature["image/class/label"] = tf.train.Feature(int64_list=tf.train.Int64List(
-            value=[label]))
-    if shape is not None:
-        for name, value in zip(("height", "width", "channels"), shape):
-            feature[f"image/{name}"] = tf.train.Feature(int64_list=tf.train.Int64List(
-                value=[value]))
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
 def _write_records(path, serialized):

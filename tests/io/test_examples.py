@@ -1,40 +1,12 @@
 """The one tf.train.Example schema: what the writer stores, what the graph readers give back,
 and what they refuse before decoding."""
 
-import io
-import struct
-import zlib
-
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 from comdefend_tf.io import examples
-
-
-def _png_bytes(pixels):
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _example(encoded, label=None, shape=None):
-    feature = {"image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded]))}
-    if label is not None:
-        feature["image/class/label"] = tf.train.Feature(int64_list=tf.train.Int64List(
-            value=[label]))
-    if shape is not None:
-        for name, value in zip(("height", "width", "channels"), shape):
-            feature[f"image/{name}"] = tf.train.Feature(int64_list=tf.train.Int64List(
-                value=[value]))
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
-def _with_ihdr_size(png: bytes, width: int, height: int) -> bytes:
-    """``png`` declaring ``width`` x ``height``, its IHDR CRC recomputed (a well-formed lie)."""
-    ihdr = png[12:16] + struct.pack(">II", width, height) + png[24:29]
-    return png[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr) & 0xFFFFFFFF) + png[33:]
+from tests.io.encoded import example as _example, png_bytes as _png_bytes
 
 
 # -------------------------------------------------------------------------- Python side

@@ -23,8 +23,7 @@ beam = pytest.importorskip("apache_beam", reason="apache_beam is not installed (
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from comdefend_tf import ComDefend, get_config  # noqa: E402
-from comdefend_tf import load_comdefend, save_comdefend  # noqa: E402
+from comdefend_tf import load_comdefend  # noqa: E402
 from comdefend_tf.io import datasets as data  # noqa: E402
 from comdefend_tf.io import examples as example_io  # noqa: E402
 from comdefend_tf.io import images as image_io  # noqa: E402
@@ -33,6 +32,7 @@ from comdefend_tf.purification import (handler, outputs, pipeline, plan,  # noqa
 from comdefend_tf.purification.files import purify_array, purify_files  # noqa: E402
 
 from tests.conftest import REPO_ROOT, subprocess_env  # noqa: E402
+from tests.fixtures.purifiers import save_spread_tiny_purifier  # noqa: E402
 
 IN_PROCESS = ["--runner=FnApiRunner", "--direct_num_workers=1"]
 MAX_PIXELS = 40_000  # the oversized test image has 300x300 = 90,000
@@ -40,15 +40,7 @@ MAX_PIXELS = 40_000  # the oversized test image has 300x300 = 90,000
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_gray_model")
-    model = ComDefend(get_config("tiny", input_channels=1), seed=0)
-    # Random weights give a near-constant output; spread the code logits so the output really
-    # depends on the input (and rounding differences would show).
-    last = model.encoder.get_layer("comcnn_conv3")
-    kernel, bias = last.get_weights()
-    last.set_weights([kernel * 20, bias])
-    save_comdefend(model, str(folder))
-    return str(folder)
+    return save_spread_tiny_purifier(tmp_path_factory.mktemp("tiny_gray_model"))
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,14 @@ beam = pytest.importorskip("apache_beam", reason="apache_beam is not installed (
 
 import tensorflow as tf  # noqa: E402
 
-from comdefend_tf import ComDefend, get_config, load_comdefend, save_comdefend  # noqa: E402
+from comdefend_tf import load_comdefend  # noqa: E402
 from comdefend_tf.io import examples as example_io  # noqa: E402
 from comdefend_tf.io import images as image_io  # noqa: E402
 from comdefend_tf.purification import handler, outputs, pipeline, refusals  # noqa: E402
 from comdefend_tf.purification.files import purify_array  # noqa: E402
 from comdefend_tf.purification.sources import DecodedImage  # noqa: E402
 from tests.conftest import REPO_ROOT, subprocess_env  # noqa: E402
+from tests.fixtures.purifiers import save_spread_tiny_purifier  # noqa: E402
 from tests.fixtures import hostile_datasets as hostile  # noqa: E402
 
 IN_PROCESS = ["--runner=FnApiRunner", "--direct_num_workers=1"]
@@ -38,13 +39,7 @@ EXPORT_MAX_PIXELS = 1000  # three 16x16 images per request; a 40x40 one is over
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_grey_model")
-    model = ComDefend(get_config("tiny", input_channels=1), seed=0)
-    last = model.encoder.get_layer("comcnn_conv3")  # spread the code: outputs follow inputs
-    kernel, bias = last.get_weights()
-    last.set_weights([kernel * 20, bias])
-    save_comdefend(model, str(folder))
-    return str(folder)
+    return save_spread_tiny_purifier(tmp_path_factory.mktemp("tiny_grey_model"))
 
 
 @pytest.fixture(scope="module")
