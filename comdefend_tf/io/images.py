@@ -16,12 +16,10 @@ in full and why.
 from __future__ import annotations
 
 import io
-import os
-import stat
 
 import numpy as np
 
-from comdefend_tf.io import headers
+from comdefend_tf.io import bounded, headers
 from comdefend_tf.io.atomic import write_bytes_atomic
 from comdefend_tf.io.headers import ImageReadError, ImageTooLargeError, UnsupportedFormatError
 
@@ -65,11 +63,8 @@ def read_image(path: str, channels: int | None = None, max_pixels: int = DEFAULT
 
 
 def read_bounded(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """The bytes of a regular file of at most ``max_bytes`` bytes.
-
-    The size is taken from ``fstat`` of the opened file before reading, and reading stops one
-    byte past the cap in case the file grows meanwhile. The file is opened non-blocking so a
-    FIFO named like an image cannot hang the reader.
+    """The bytes of a regular file of at most ``max_bytes`` bytes (``io.bounded``: one read,
+    type and size checked on the open descriptor, non-blocking so a FIFO cannot hang it).
 
     Raises:
       FileNotFoundError: no such file.
@@ -77,33 +72,22 @@ def read_bounded(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
       ImageReadError: not a regular file, or not readable (permissions, I/O error).
     """
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        return bounded.read_regular_file(path, max_bytes)
     except FileNotFoundError:
         raise FileNotFoundError(f"no image file at {path!r}") from None
+    except bounded.NotRegularFileError:
+        raise ImageReadError(f"{path!r} is not a regular file") from None
+    except bounded.FileTooLargeError as error:
+        if error.grew:
+            raise ImageTooLargeError(f"{path!r} grew past the limit of {max_bytes:,} bytes "
+                                     f"while it was read") from None
+        raise ImageTooLargeError(f"{path!r} is {error.size:,} bytes, more than the limit of "
+                                 f"{max_bytes:,} bytes") from None
+    except bounded.FileReadError as error:
+        raise ImageReadError(f"cannot read {path!r}: {error.error.strerror or error.error}"
+                             ) from error.error
     except OSError as error:
         raise ImageReadError(f"cannot open {path!r}: {error.strerror or error}") from error
-    try:
-        info = os.fstat(descriptor)
-        if not stat.S_ISREG(info.st_mode):
-            raise ImageReadError(f"{path!r} is not a regular file")
-        if info.st_size > max_bytes:
-            raise ImageTooLargeError(f"{path!r} is {info.st_size:,} bytes, more than the limit of "
-                                     f"{max_bytes:,} bytes")
-        chunks, total = [], 0
-        while total <= max_bytes:
-            chunk = os.read(descriptor, min(1 << 20, max_bytes + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-        if total > max_bytes:
-            raise ImageTooLargeError(f"{path!r} grew past the limit of {max_bytes:,} bytes "
-                                     f"while it was read")
-        return b"".join(chunks)
-    except OSError as error:
-        raise ImageReadError(f"cannot read {path!r}: {error.strerror or error}") from error
-    finally:
-        os.close(descriptor)
 
 
 def decode_image(data: bytes, channels: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -19,12 +19,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import os
-import stat
 import struct
 import zlib
 from typing import Sequence
 
+from comdefend_tf.io import bounded
 from comdefend_tf.weights.errors import ReferenceWeightsError
 
 WEIGHTS_MEMBER = "w.npy"
@@ -89,40 +88,26 @@ def read_whole_file(path: str) -> bytes:
     make us read more.
     """
     try:
-        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
-                             | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
+        return bounded.read_regular_file(path, MAX_FILE_BYTES)
     except FileNotFoundError:
         raise FileNotFoundError(f"no weight file at {path!r}") from None
+    except bounded.NotRegularFileError:
+        raise ReferenceWeightsError(
+            f"{path}: not a regular file (a directory, device, FIFO or socket); a weight "
+            f"file is an npz (zip) archive") from None
+    except bounded.FileTooLargeError as error:
+        if error.grew:
+            raise ReferenceWeightsError(
+                f"{path}: grew past the {MAX_FILE_BYTES} bytes a weight file may have while it "
+                f"was read") from None
+        raise ReferenceWeightsError(
+            f"{path}: {error.size} bytes, more than the {MAX_FILE_BYTES} a weight file may "
+            f"have (a released file is about 3.5 MB)") from None
+    except bounded.FileReadError as error:  # an I/O error while reading a file that opened
+        raise ReferenceWeightsError(
+            f"{path}: cannot read: {error.error.strerror or error.error}") from None
     except OSError as error:
         raise ReferenceWeightsError(f"{path}: cannot open: {error.strerror or error}") from None
-    try:
-        info = os.fstat(descriptor)
-        if not stat.S_ISREG(info.st_mode):
-            raise ReferenceWeightsError(
-                f"{path}: not a regular file (a directory, device, FIFO or socket); a weight "
-                f"file is an npz (zip) archive")
-        if info.st_size > MAX_FILE_BYTES:
-            raise ReferenceWeightsError(
-                f"{path}: {info.st_size} bytes, more than the {MAX_FILE_BYTES} a weight file may "
-                f"have (a released file is about 3.5 MB)")
-        # One request for the whole file (one buffer, no copies), then small ones to its end.
-        pieces, total, request = [], 0, info.st_size + 1
-        while total <= MAX_FILE_BYTES:
-            block = os.read(descriptor, min(request, MAX_FILE_BYTES + 1 - total))
-            if not block:
-                break
-            pieces.append(block)
-            total += len(block)
-            request = READ_CHUNK_BYTES
-    except OSError as error:  # an I/O error while reading a file that opened
-        raise ReferenceWeightsError(f"{path}: cannot read: {error.strerror or error}") from None
-    finally:
-        os.close(descriptor)
-    if total > MAX_FILE_BYTES:
-        raise ReferenceWeightsError(
-            f"{path}: grew past the {MAX_FILE_BYTES} bytes a weight file may have while it was "
-            f"read")
-    return b"".join(pieces)
 
 
 def _read_at(handle, offset: int, length: int, what: str, source: str) -> bytes:
