@@ -64,9 +64,15 @@ def list_files(input_spec: str, max_files: int = DEFAULT_MAX_FILES) -> FileListi
     return FileListing(list(found.paths), list(found.refused))
 
 
-def _nothing_matched(error: InputPlanError) -> bool:
-    """Whether ``list_files`` failed because nothing matched (not because of the cap)."""
-    return isinstance(error.__cause__, FileNotFoundError)
+def _list_local(pattern: str, max_files: int) -> FileListing:
+    """``list_files``, but an empty listing when nothing matches (the cap still raises), so each
+    caller words its own "nothing matches" error."""
+    try:
+        return list_files(pattern, max_files)
+    except InputPlanError as error:
+        if isinstance(error.__cause__, FileNotFoundError):
+            return FileListing([], [])
+        raise
 
 
 def match_remote(pattern: str, max_files: int = DEFAULT_MAX_FILES) -> list[str]:
@@ -163,12 +169,7 @@ def plan_inputs(input_spec: str, data_dir: str | None = None, tfds_split: str = 
         if is_remote(pattern):
             files, refused = match_remote(pattern, max_files), []
         else:
-            try:
-                found = list_files(pattern, max_files)
-            except InputPlanError as error:
-                if not _nothing_matched(error):
-                    raise
-                found = FileListing([], [])
+            found = _list_local(pattern, max_files)
             files, refused = found.paths, found.refused
         if not files and not refused:
             raise InputPlanError(f"no TFRecord file matches {pattern!r}")
@@ -194,15 +195,8 @@ def _plan_image_files(input_spec: str, max_files: int) -> InputPlan:
         root, pattern = _glob_root(input_spec), input_spec
     empty = (f"no {'/'.join(listing.IMAGE_EXTENSIONS)} file matches {input_spec!r} (expected "
              f"a folder, a glob, {TFRECORD_PREFIX}GLOB or {TFDS_PREFIX}NAME)")
-    if is_remote(pattern):
-        found = FileListing(match_remote(pattern, max_files), [])
-    else:
-        try:
-            found = list_files(pattern, max_files)
-        except InputPlanError as error:
-            if not _nothing_matched(error):
-                raise
-            raise InputPlanError(empty) from error
+    found = (FileListing(match_remote(pattern, max_files), []) if is_remote(pattern)
+             else _list_local(pattern, max_files))
 
     def is_image(path):
         return path.lower().endswith(listing.IMAGE_EXTENSIONS)
