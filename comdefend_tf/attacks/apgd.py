@@ -202,11 +202,17 @@ class _Functions:
             return new_state, stats, curve
 
         if compile:
-            self.start = tf.function(start, reduce_retracing=True)
-            self.iterate = tf.function(iterate, reduce_retracing=True)
+            self.start = tf.function(start, reduce_retracing=True, jit_compile=JIT_COMPILE)
+            self.iterate = tf.function(iterate, reduce_retracing=True,
+                                       jit_compile=JIT_COMPILE)
         else:
             self.start, self.iterate = start, iterate
 
+
+# XLA for the compiled iteration (None: TensorFlow's default, no XLA). On this CPU XLA cost 2x
+# to 4x more CPU per step than the plain graph (benchmarks/attack_cost.py,
+# docs/internals/evaluation.md), so it stays off; a GPU user may measure it there.
+JIT_COMPILE = None
 
 # model -> {configuration: _Functions}; weak, so a model's traces go with the model.
 _FUNCTION_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
