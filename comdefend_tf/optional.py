@@ -30,6 +30,8 @@ EXTRAS = {
     "client": "the TF Serving client's transports (requests, grpcio); tensorflow-serving-api "
               "separately, see NO_DEPS_INSTALLS",
     "jax": "the JAX backend of Keras 3 for the purifier",
+    "litert": "the LiteRT interpreter (ai-edge-litert) that runs a purifier converted to .tflite "
+              "(comdefend_tf.litert, export/export_litert.py's op report)",
     "dev": "the test suite (pytest, pytest-xdist, ART for the APGD cross-check)",
 }
 

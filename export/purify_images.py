@@ -32,6 +32,12 @@ input), then each refused file with its reason on stderr. Exit status: 0 every i
 purified; 1 the run could not start (flags, unsafe output plan, no inputs, unreadable model;
 nothing written); 2 the run finished but some inputs were refused (the others are written).
 
+A LiteRT purifier (from export.export_litert) is given as ``--model_dir=PATH.tflite``: the same
+inputs, refusals, outputs and exit statuses; its noise is the one fixed in the file (so
+--inference_noise_std, --seed and --precision=bfloat16 are refused), and it tiles exactly by
+itself within its input size (so --patch_size, --overlap and --tile_above_pixels are refused).
+It needs the [litert] extra.
+
 To reproduce the authors' released outputs (not recommended for use): ``--channel_order=bgr
 --patch_size=32 --inference_noise_std=1 --uint8_conversion=truncate``.
 """
@@ -50,7 +56,8 @@ FLAGS = flags.FLAGS
 shared_flags.define_inference_noise_flag()
 shared_flags.define_precision_flag(choices=("float32", "bfloat16"))
 flags.DEFINE_string("model_dir", None, "Model directory holding comdefend.keras (from "
-                    "train.train_comdefend or train.import_reference_weights), or a .keras file.")
+                    "train.train_comdefend or train.import_reference_weights), a .keras file, "
+                    "or a .tflite file from export.export_litert (the LiteRT purifier).")
 flags.DEFINE_string("input", None, "An image file, a folder (its .png/.jpg/.jpeg files) or a "
                     "quoted glob such as 'photos/*.jpg'.")
 flags.DEFINE_string("output_dir", None, "Folder for the purified PNGs (created if missing); "
@@ -77,6 +84,25 @@ flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 flags.mark_flags_as_required(["model_dir", "input", "output_dir"])
 
 
+LITERT_SUFFIX = ".tflite"
+
+
+def _load_litert(max_image_pixels: int):
+    """The LiteRT purifier at --model_dir; ValueError for flags that a .tflite file fixes."""
+    from comdefend_tf.litert import runtime
+
+    fixed = [name for name, given in (("--inference_noise_std",
+                                       FLAGS.inference_noise_std is not None),
+                                      ("--seed", FLAGS.seed is not None),
+                                      ("--precision", FLAGS.precision != "float32")) if given]
+    if fixed:
+        raise ValueError(f"{', '.join(fixed)} cannot apply to a .tflite purifier: its noise "
+                         "and precision are fixed in the file (export.export_litert)")
+    # One image per call; its pixel budget is the command's --max_image_pixels.
+    return runtime.LiteRTPurifier(FLAGS.model_dir, max_pixels=max_image_pixels,
+                                  max_batch_size=1)
+
+
 def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -92,9 +118,13 @@ def _main(argv):
     try:
         listing = plan.list_files(FLAGS.input, chosen(FLAGS.max_files, plan.DEFAULT_MAX_FILES))
         pairs = plan.plan_outputs(listing.paths, FLAGS.output_dir, FLAGS.overwrite)
-        model = load_comdefend(FLAGS.model_dir, inference_noise_std=FLAGS.inference_noise_std,
-                               seed=FLAGS.seed)
-        files.check_settings(model, FLAGS.channel_order, FLAGS.tile_above_pixels)
+        if FLAGS.model_dir.endswith(LITERT_SUFFIX):
+            model = _load_litert(chosen(FLAGS.max_image_pixels, image_io.DEFAULT_MAX_PIXELS))
+        else:
+            model = load_comdefend(FLAGS.model_dir,
+                                   inference_noise_std=FLAGS.inference_noise_std, seed=FLAGS.seed)
+        files.check_settings(model, FLAGS.channel_order, FLAGS.tile_above_pixels,
+                             FLAGS.patch_size, FLAGS.overlap)
     except (FileNotFoundError, ValueError) as error:
         print(refusals.error_line(error), file=sys.stderr)
         return exit_codes.COULD_NOT_START
@@ -104,7 +134,8 @@ def _main(argv):
         print(refusals.error_line(f"cannot create output folder {FLAGS.output_dir!r}: "
                                   f"{error.strerror or error}"), file=sys.stderr)
         return exit_codes.COULD_NOT_START
-    model = precision.convert_model(model, FLAGS.precision)
+    if not files.is_litert(model):
+        model = precision.convert_model(model, FLAGS.precision)
     to_uint8 = (parity.truncate_to_uint8 if FLAGS.uint8_conversion == "truncate"
                 else image_io.to_uint8)
     summary = files.purify_files(

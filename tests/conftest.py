@@ -34,6 +34,14 @@ SLOW_FIXTURES = frozenset({
 # Test functions (every parametrization, in whichever file they live) that are slow.
 SLOW_TESTS = frozenset({
     # Programs and scripts run in a child Python.
+    # LiteRT (issue 24): export.export_litert, export.purify_images and fresh interpreters in
+    # child processes.
+    "test_writes_the_model_and_its_record",
+    "test_converts_a_serving_export_noise_off",
+    "test_bad_requests_end_in_one_error_line_and_write_nothing",
+    "test_an_existing_output_is_kept_without_overwrite",
+    "test_fresh_processes_draw_different_noise",
+    "test_cli_purifies_with_a_tflite_model",
     "test_fresh_processes_draw_fresh_noise_unless_a_seed_was_exported",
     "test_cli_writes_good_images_names_bad_ones_and_fails",
     "test_binary_exits_1_on_a_bad_request",

@@ -31,6 +31,7 @@ PROGRAMS = {
     "export_savedmodel": "comdefend_tf.export.export_savedmodel",
     "serving_client": "comdefend_tf.export.serving_client",
     "purify_dataset": "comdefend_tf.export.purify_dataset",
+    "export_litert": "comdefend_tf.export.export_litert",
 }
 
 
@@ -82,3 +83,7 @@ def serving_client():
 
 def purify_dataset():
     run_program(PROGRAMS["purify_dataset"])
+
+
+def export_litert():
+    run_program(PROGRAMS["export_litert"])

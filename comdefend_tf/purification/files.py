@@ -8,7 +8,9 @@ input of a ``plan.plan_outputs`` pairing with ``io.images`` (limits checked befo
 decoding), writes a rounded PNG atomically, never replacing a file unless ``overwrite`` (one
 that appeared after planning, e.g. another run's output, is a refusal), and refuses
 (``refusals``), by name and with a reason, every input it cannot read or write while the others
-go on.
+go on. A LiteRT purifier (``comdefend_tf.litert.runtime.LiteRTPurifier``: ``channels`` and
+``purify``, no ``config``) is accepted wherever a ComDefend is: it tiles exactly by itself, so
+``patch_size`` and the automatic tiling do not apply to it (``check_settings`` refuses them).
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ from comdefend_tf.purification import refusals
 OUTPUT_APPEARED = "output appeared during the run; not replaced without --overwrite"
 
 
+def is_litert(model) -> bool:
+    """Whether ``model`` is a LiteRT purifier (duck-typed: no ``config``, a ``purify``)."""
+    return getattr(model, "config", None) is None and callable(getattr(model, "purify", None))
+
+
+def model_channels(model) -> int:
+    """The number of channels ``model`` takes (a ComDefend's config, a LiteRT purifier's)."""
+    return model.channels if is_litert(model) else model.config.input_channels
+
+
 def automatic_tiling(model, height: int, width: int,
                      tile_above_pixels: int | None = None) -> Tiling | None:
     """The exact tiling the whole-image mode switches to for a ``height`` x ``width`` image,
@@ -40,6 +52,8 @@ def automatic_tiling(model, height: int, width: int,
       tile_above_pixels: the pixel budget of one network call; None: the model's default
         (``patches.whole_image_pixel_budget``); 0: never tile automatically.
     """
+    if is_litert(model):
+        return None  # it tiles by itself, within its file's input size
     if tile_above_pixels is None:
         tile_above_pixels = whole_image_pixel_budget(model.config)
     if tile_above_pixels < 0:
@@ -50,21 +64,30 @@ def automatic_tiling(model, height: int, width: int,
 
 
 def check_settings(model, channel_order: str = "rgb",
-                   tile_above_pixels: int | None = None) -> None:
+                   tile_above_pixels: int | None = None, patch_size: int = 0,
+                   overlap: int = 0) -> None:
     """Refuses settings ``purify_files`` cannot honour with ``model``, before any work.
 
     Raises:
       ValueError: the model takes other than 1 or 3 channels (image files are grey or RGB),
         ``bgr`` with a model of other than 3 channels, or a ``tile_above_pixels`` budget too
-        small for one exact tile.
+        small for one exact tile; with a LiteRT purifier, any ``patch_size``, ``overlap`` or
+        ``tile_above_pixels`` (it tiles exactly within its file's input size by itself).
     """
-    channels = model.config.input_channels
+    channels = model_channels(model)
     if channels not in (1, 3):
         raise ValueError(f"the model takes {channels}-channel images; image files are read as "
                          f"grey (1) or RGB (3)")
     if channel_order == "bgr" and channels != 3:
         raise ValueError(f"--channel_order=bgr needs a 3-channel model; this one has "
                          f"{channels}")
+    if is_litert(model):
+        for name, value in (("--patch_size", patch_size), ("--overlap", overlap),
+                            ("--tile_above_pixels", tile_above_pixels)):
+            if value:
+                raise ValueError(f"{name} does not apply to a .tflite purifier: it tiles "
+                                 "exactly within its file's input size by itself")
+        return
     if tile_above_pixels:
         try:
             exact_tiling(model.config, 1, 1, tile_above_pixels)
@@ -79,7 +102,8 @@ def purify_array(model, image: np.ndarray, patch_size: int = 0, overlap: int = 0
 
     Args:
       model: a ``ComDefend`` (any callable from ``[n, h, w, c]`` to the same shape with the
-        ComDefend ``config`` attribute; without it pass ``tile_above_pixels=0``).
+        ComDefend ``config`` attribute; without it pass ``tile_above_pixels=0``), or a LiteRT
+        purifier (``is_litert``: the whole image goes in; it tiles by itself).
       image: float32 ``[height, width, channels]`` in [0, 1], RGB order for 3 channels.
       patch_size: tile side in pixels, 0 for the whole image, tiled exactly when it is larger
         than ``tile_above_pixels`` (see ``automatic_tiling``).
@@ -96,6 +120,9 @@ def purify_array(model, image: np.ndarray, patch_size: int = 0, overlap: int = 0
         raise ValueError(f"channel_order must be rgb or bgr, got {channel_order!r}")
     network_input = image[..., ::-1] if channel_order == "bgr" else image
     batch = np.ascontiguousarray(network_input[None], dtype=np.float32)
+    if is_litert(model):
+        purified = model.purify(batch)[0]
+        return purified[..., ::-1] if channel_order == "bgr" else purified
     if not patch_size and tile_above_pixels != 0:
         tiling = automatic_tiling(model, image.shape[0], image.shape[1], tile_above_pixels)
         if tiling:
@@ -158,7 +185,7 @@ def purify_files(model, pairs: Sequence[tuple[str, str]], patch_size: int = 0, o
     uint8 output against the input (0..1 scale). ``tile_above_pixels``: see ``purify_array``.
     """
     to_uint8 = to_uint8 or image_io.to_uint8
-    channels = model.config.input_channels
+    channels = model_channels(model)
     summary = PurifySummary(failures=list(refused))
     start = time.perf_counter()
 

@@ -323,3 +323,81 @@ def test_cli_writes_good_images_names_bad_ones_and_fails(tmp_path, model_dir, ph
                      "--tile_above_pixels=100", "--noprogress")
     assert small.returncode == 1 and "too small for exact tiles" in small.stderr
     assert not fresh.exists()
+
+
+# ------------------------------------------------------------------- a LiteRT (.tflite) model
+@pytest.fixture(scope="module")
+def tflite_path(tmp_path_factory, model):
+    pytest.importorskip("ai_edge_litert", reason="the [litert] extra runs .tflite purifiers")
+    from comdefend_tf.litert import convert
+
+    path = tmp_path_factory.mktemp("litert") / "purifier.tflite"
+    path.write_bytes(convert.convert(model, "float32", (16, 16), 0.0))
+    return str(path)
+
+
+def test_litert_purify_array_tiles_exactly_like_the_keras_model(tflite_path, model):
+    from comdefend_tf.litert.runtime import LiteRTPurifier
+
+    litert = LiteRTPurifier(tflite_path)
+    assert purify_files.model_channels(litert) == 3 and purify_files.is_litert(litert)
+    image = np.random.default_rng(9).uniform(0, 1, (20, 27, 3)).astype(np.float32)
+    purified = purify_files.purify_array(litert, image)  # larger than 16x16: tiled
+    np.testing.assert_allclose(purified, purify_files.purify_array(model, image), atol=1e-5)
+    bgr = purify_files.purify_array(litert, image, channel_order="bgr")
+    np.testing.assert_allclose(bgr, purify_files.purify_array(model, image, channel_order="bgr"),
+                               atol=1e-5)
+
+
+def test_litert_purify_files_writes_and_refuses_like_the_keras_model(tmp_path, tflite_path,
+                                                                      model, photos):
+    from comdefend_tf.litert.runtime import LiteRTPurifier
+
+    folder, _ = photos
+    (folder / "bomb.png").write_bytes(bomb_png())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    results = {}
+    for name, purifier in (("keras", model), ("litert", LiteRTPurifier(tflite_path))):
+        inputs = sorted(str(path) for path in folder.iterdir())
+        pairs = plan.plan_outputs(inputs, str(tmp_path / name))
+        os.makedirs(tmp_path / name)
+        results[name] = purify_files.purify_files(purifier, pairs, progress=False)
+    keras_run, litert_run = results["keras"], results["litert"]
+    assert [os.path.basename(p) for p in litert_run.written] == [
+        os.path.basename(p) for p in keras_run.written] == ["a.png", "b.png", "c.png"]
+    assert [(os.path.basename(path), reason) for path, reason in litert_run.failures] == [
+        (os.path.basename(path), reason) for path, reason in keras_run.failures]
+    assert len(litert_run.failures) == 2
+    for written in litert_run.written:
+        litert_pixels = np.asarray(Image.open(written), np.int16)
+        keras_pixels = np.asarray(Image.open(tmp_path / "keras" / os.path.basename(written)),
+                                  np.int16)
+        assert np.abs(litert_pixels - keras_pixels).max() <= 1  # rounding of 1e-6 differences
+
+
+def test_litert_models_refuse_the_tiling_flags(tflite_path):
+    from comdefend_tf.litert.runtime import LiteRTPurifier
+
+    litert = LiteRTPurifier(tflite_path)
+    purify_files.check_settings(litert)
+    for kwargs, flag in (({"patch_size": 8}, "--patch_size"), ({"overlap": 2}, "--overlap"),
+                         ({"tile_above_pixels": 1000}, "--tile_above_pixels")):
+        with pytest.raises(ValueError, match=f"{flag} does not apply to a .tflite purifier"):
+            purify_files.check_settings(litert, **kwargs)
+
+
+def test_cli_purifies_with_a_tflite_model(tmp_path, tflite_path, photos):
+    folder, _ = photos
+    (folder / "bomb.png").write_bytes(bomb_png())
+    out = tmp_path / "purified"
+    result = _run_cli(f"--model_dir={tflite_path}", f"--input={folder}", f"--output_dir={out}",
+                      "--noprogress")
+    assert result.returncode == 2, result.stderr
+    assert sorted(os.listdir(out)) == ["a.png", "b.png", "c.png"]
+    assert any("bomb.png" in line and "20000x20000" in line
+               for line in result.stderr.splitlines())
+    fixed = _run_cli(f"--model_dir={tflite_path}", f"--input={folder}",
+                     f"--output_dir={tmp_path / 'seeded'}", "--seed=3", "--noprogress")
+    assert fixed.returncode == 1
+    assert "error: --seed cannot apply to a .tflite purifier" in fixed.stderr
+    assert not (tmp_path / "seeded").exists()
