@@ -34,6 +34,9 @@ SLOW_FIXTURES = frozenset({
 # Test functions (every parametrization, in whichever file they live) that are slow.
 SLOW_TESTS = frozenset({
     # Programs and scripts run in a child Python.
+    # Adversarial training (issue 23): two logical devices, and the binary's flags.
+    "test_mirrored_strategy_trains_adversarially_on_two_logical_devices",
+    "test_binary_refuses_bad_adversarial_flags_and_prints_the_summary_line",
     # LiteRT (issue 24): export.export_litert, export.purify_images and fresh interpreters in
     # child processes.
     "test_writes_the_model_and_its_record",

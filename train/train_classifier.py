@@ -22,6 +22,17 @@ they are with --purified_input, which records which purifier made them (--purifi
 fingerprinted but not run, and/or --purify_manifest; a tfrecord:GLOB's manifest.json is found
 alone). metrics.json records the purifier (path, config, weights fingerprint); evaluation,
 export and serving warn when the classifier is composed with another purifier or none.
+
+Adversarial training (Madry et al. 2018 PGD, Wong et al. 2020 fast FGSM with random start),
+alone or behind a purifier (--purifier_dir: BPDA through the frozen purifier, EOT over its
+noise):
+
+    python -m train.train_classifier --dataset=mnist5k --adversarial=pgd --adv_eps=0.3 \
+        --adv_steps=40 --adv_step_size=0.01 --epochs=10 --model_dir=runs/classifier_pgd
+
+Every epoch a 10-step PGD on 256 held-out images is recorded (pgd_accuracy); when it
+collapses (catastrophic overfitting) the run exits non-zero and writes no classifier.keras
+(docs/adversarial_training.md).
 """
 
 import sys
@@ -30,6 +41,7 @@ from absl import app, flags
 
 from comdefend_tf.cli import flags as cli_flags
 from comdefend_tf.io import datasets as data_lib
+from comdefend_tf.training import adversarial as adversarial_lib
 from comdefend_tf.training import classifier as classifiers
 from comdefend_tf.training import provenance, run_state
 
@@ -54,6 +66,27 @@ flags.DEFINE_string("purify_manifest", None, "With --purified_input: the purify_
                     "manifest.json beside a tfrecord:GLOB's records.")
 flags.DEFINE_string("init_classifier_dir", None, "Start from this saved classifier "
                     "(fine-tuning; --architecture is then ignored) instead of a fresh one.")
+flags.DEFINE_enum("adversarial", "none", adversarial_lib.METHODS, "Adversarial training: none "
+                  "(clean images), pgd (Madry et al.: --adv_steps projected steps from a random "
+                  "start) or fgsm_rs (Wong et al.: one step of 1.25 eps from a random start).")
+flags.DEFINE_float("adv_eps", None, "Attack radius in [0, 1] pixel units (L-inf: per pixel; "
+                   "L2: per image); required with --adversarial.")
+flags.DEFINE_enum("adv_norm", adversarial_lib.DEFAULT_NORM, adversarial_lib.NORMS,
+                  "Norm of the attack ball.")
+flags.DEFINE_integer("adv_steps", None, "pgd: attack steps per batch (default "
+                     f"{adversarial_lib.DEFAULT_PGD_STEPS}); fgsm_rs is one step.")
+flags.DEFINE_float("adv_step_size", None, "Attack step (default: pgd 2.5 eps / steps, "
+                   "fgsm_rs 1.25 eps); it follows the eps warm-up.")
+flags.DEFINE_float("adv_eps_warmup_epochs", adversarial_lib.DEFAULT_WARMUP_EPOCHS, "Epochs over "
+                   "which eps ramps linearly (per step) from 0 to --adv_eps; 0: full eps at once.")
+flags.DEFINE_integer("adv_eot", adversarial_lib.DEFAULT_EOT, "Behind a randomized purifier: "
+                     "noise draws whose input gradients each attack step averages.")
+flags.DEFINE_enum("adv_gradient", None, adversarial_lib.GRADIENTS, "Behind a purifier: BPDA "
+                  "backward pass: bpda_smooth (sigmoid(noisy logits / T) at the binarizer; "
+                  "default) or bpda_identity (identity through the whole purifier).")
+flags.DEFINE_float("adv_temperature", None, "bpda_smooth's T (default "
+                   f"{adversarial_lib.DEFAULT_TEMPERATURE:g}); higher T passes gradient "
+                   "through more code bits.")
 flags.mark_flag_as_required("model_dir")
 
 FLAGS = flags.FLAGS
@@ -62,6 +95,15 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:  # the library's messages name the settings as the flags do (adv_eps, ...)
+        adversarial = adversarial_lib.make_settings(
+            FLAGS.adversarial, FLAGS.adv_eps, FLAGS.adv_norm, FLAGS.adv_steps,
+            FLAGS.adv_step_size, FLAGS.adv_eps_warmup_epochs, FLAGS.adv_eot, FLAGS.adv_gradient,
+            FLAGS.adv_temperature)
+        if adversarial is not None:
+            adversarial.for_run(bool(FLAGS.purifier_dir), FLAGS.purified_input)
+    except ValueError as error:
+        raise app.UsageError(str(error))
     try:
         image_data = cli_flags.load_data_from_flags()
     except data_lib.DataError as error:
@@ -89,7 +131,7 @@ def main(argv):
             checkpoint_every_steps=FLAGS.checkpoint_every_steps,
             purifier_dir=FLAGS.purifier_dir, purified_input=FLAGS.purified_input,
             purify_manifest=FLAGS.purify_manifest,
-            init_classifier_dir=FLAGS.init_classifier_dir)
+            init_classifier_dir=FLAGS.init_classifier_dir, adversarial=adversarial)
     except (ValueError, FileNotFoundError, run_state.TrainingError) as error:
         sys.exit(f"error: {error}")
     print(f"Held-out accuracy: {100 * metrics['held_out_accuracy']:.2f} % on "
@@ -102,6 +144,14 @@ def main(argv):
     if record:
         print(f"Trained behind purifier {record['path']} ({record['fingerprint']}, "
               f"{record['purified']}); recorded in metrics.json")
+    record = metrics.get(provenance.ADVERSARIAL_KEY)
+    if record:
+        print(f"Adversarial training {record['method']} ({record['norm']} eps {record['eps']:g}"
+              f"{', ' + record['gradient'] if record['gradient'] else ''}): held-out accuracy "
+              f"under {record['check']['steps']}-step PGD "
+              f"{100 * metrics['held_out_adversarial_accuracy']:.2f} % on "
+              f"{record['check']['num_images']} images; {record['train_cpu_seconds']:.1f} CPU "
+              f"seconds of training")
     print(f"Saved {FLAGS.model_dir}/{classifiers.KERAS_FILENAME} (metrics.json beside it)")
 
 

@@ -23,7 +23,8 @@ no model; ``save_classifier`` writes ``MODEL_DIR/classifier.keras`` and ``metric
 atomically. With ``purifier_dir`` the classifier is trained behind a frozen purifier (on the
 fly, ``PurifiedClassifier``, or on images purified in advance with ``purified_input``), and
 ``metrics.json`` records that purifier under ``provenance.PURIFIER_KEY``
-(docs/internals/training.md).
+(docs/internals/training.md). With ``adversarial`` settings it trains on PGD or FGSM-RS batches
+(``comdefend_tf.training.adversarial``, docs/adversarial_training.md).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from keras import ops
 
 from comdefend_tf.io import datasets as data_lib
 from comdefend_tf.io.atomic import atomic_path, write_json_atomic
+from comdefend_tf.training import adversarial as adversarial_lib
 from comdefend_tf.training import provenance, run_state, strategies, stream
 
 ARCHITECTURES = ("auto", "small_cnn", "resnet_cifar", "resnet50")
@@ -301,6 +303,7 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
                      purifier_dir: str | None = None, purified_input: bool = False,
                      purify_manifest: str | None = None,
                      init_classifier_dir: str | None = None,
+                     adversarial: adversarial_lib.AdversarialSettings | None = None,
                      ) -> tuple[keras.Model, dict]:
     """Trains a classifier on ``image_data.train`` with cross-entropy on logits and saves it.
 
@@ -334,6 +337,10 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
       purify_manifest: the purify command's ``manifest.json`` (or its folder).
       init_classifier_dir: start from this saved classifier (fine-tuning) instead of a fresh
         network; its input shape and class count must match the data.
+      adversarial: ``adversarial.make_settings(...)``: train on adversarial batches (behind
+        the purifier when ``purifier_dir``); ``metrics.json`` then also holds
+        ``provenance.ADVERSARIAL_KEY`` and ``held_out_adversarial_accuracy``. A collapse of
+        the per-epoch PGD accuracy raises ``adversarial.CatastrophicOverfitting``.
 
     Returns:
       ``(classifier, metrics)``.
@@ -341,9 +348,10 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
     Raises:
       ValueError: unlabelled data, bad settings, an unsupported strategy, a purifier or
         initial classifier that does not fit the data, or ``purified_input`` without a named
-        purifier. run_state.NonFiniteTraining: the loss or a weight became NaN or infinite (the
-        checkpoints and any previous model file stay). run_state.TrainingError: the directory
-        holds a run with other settings (another purifier or initial classifier included).
+        purifier (or with ``adversarial``). run_state.NonFiniteTraining: the loss or a weight
+        became NaN or infinite (the checkpoints and any previous model file stay).
+        run_state.TrainingError: the directory holds a run with other settings (another
+        purifier, initial classifier or adversarial recipe included).
     """
     if not image_data.num_classes:
         raise ValueError(f"dataset {image_data.name!r} has no labels; a classifier needs labels")
@@ -357,6 +365,8 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
         raise ValueError("classifier training supports the default and mirrored strategies; "
                          "Keras 3 fit fails under MultiWorkerMirroredStrategy "
                          "(keras-team/keras#20585)")
+    if adversarial is not None:
+        adversarial = adversarial.for_run(purifier_dir is not None, purified_input)
     if isinstance(strategy, str):
         strategy = strategies.make_strategy(strategy)
     keras.utils.set_random_seed(seed)
@@ -382,8 +392,11 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
                                           architecture, weights_path=weights_path)
             init_info = None
         model = classifier if purifier is None else PurifiedClassifier(purifier, classifier)
+        if adversarial is not None:
+            model = adversarial_lib.AdversarialTrainer(classifier, adversarial, purifier, seed,
+                                                       steps_per_epoch)
         _compile(model, learning_rate)
-        if purifier is not None:
+        if model is not classifier:
             model(tf.zeros((1,) + tuple(image_data.image_shape)))
         model.optimizer.build(model.trainable_variables)
     purifier_weights = None if purifier is None else [np.array(w) for w in purifier.weights]
@@ -401,6 +414,8 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
             for key in ("inference_noise_std", "inference_mode")}
     if init_info is not None:
         settings["init_classifier_fingerprint"] = init_info["fingerprint"]
+    if adversarial is not None:
+        settings["adversarial"] = adversarial.settings()
     state = run_state.RunState(model_dir, model, model.optimizer, settings, strategy)
     state.restore()
     state.check_finished_run_unchanged(total_steps)
@@ -411,8 +426,11 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
                                         total_steps, batches_per_pass)
 
     test = data_lib.batched(image_data.test, batch_size)
-    callbacks = [keras.callbacks.TensorBoard(os.path.join(model_dir, run_state.LOG_SUBDIR),
-                                             profile_batch=0)] + list(extra_callbacks or [])
+    # The overfitting check adds its values to the logs before TensorBoard reads them.
+    checks = [] if adversarial is None else [adversarial_lib.OverfittingCheck.on_held_out(
+        model, image_data.test, state, model_dir)]
+    callbacks = checks + [keras.callbacks.TensorBoard(os.path.join(
+        model_dir, run_state.LOG_SUBDIR), profile_batch=0)] + list(extra_callbacks or [])
     start = time.perf_counter()
     history = run_state.fit_resumable(model, make_stream, test, state, progress, epochs,
                                      steps_per_epoch, checkpoint_every_steps, callbacks, verbose,
@@ -432,6 +450,8 @@ def train_classifier(image_data: data_lib.ImageData, model_dir: str, architectur
         provenance.PURIFIER_KEY: purifier_info,
         "init_classifier": init_info,
     }
+    if adversarial is not None:
+        metrics.update(adversarial_lib.run_metrics(checks[0], history, purifier_info))
     if purifier is not None:
         # The purified accuracy above; the clean images through the classifier alone beside it.
         metrics["held_out_accuracy_unpurified"] = _dataset_accuracy(classifier, test)

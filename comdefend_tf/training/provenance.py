@@ -21,6 +21,10 @@ unlike its training images. This module records that tie and checks it.
   (another purifier's weights, other inference settings, no purifier at all), the latter also
   emitting each as a ``PurifierMismatchWarning``.
 * ``defense_mode(record, purifier)``: ``undefended``, ``test_time`` or ``train_and_test_time``.
+* ``adversarial_record(classifier_path)``: the adversarial-training recipe stored under
+  ``ADVERSARIAL_KEY`` (method, norm, eps, steps, step size, eps warm-up, EOT, BPDA gradient,
+  behind which purifier, PGD accuracy per epoch, training CPU seconds), or None for a classifier
+  trained on clean images (docs/adversarial_training.md).
 
 Nothing here runs a model: a fingerprint reads weights only (``manifest_record`` loads the
 named purifier to read them).
@@ -36,6 +40,7 @@ import warnings
 import numpy as np
 
 PURIFIER_KEY = "trained_behind_purifier"
+ADVERSARIAL_KEY = "adversarial_training"
 METRICS_FILENAME = "metrics.json"
 MANIFEST_FILENAME = "manifest.json"
 FINGERPRINT_PREFIX = "sha256:"
@@ -141,6 +146,24 @@ def manifest_record(manifest_path: str) -> dict:
             "manifest": os.path.abspath(manifest_path)}
 
 
+def _classifier_metrics(classifier_path: str) -> dict:
+    """The ``metrics.json`` object beside a classifier (its directory or ``.keras`` file), or
+    ``{}`` when there is none. Raises ValueError when it is not a JSON object."""
+    directory = (classifier_path if os.path.isdir(classifier_path)
+                 else os.path.dirname(os.path.abspath(classifier_path)))
+    path = os.path.join(directory, METRICS_FILENAME)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as handle:
+        try:
+            metrics = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path} holds a {type(metrics).__name__}, not a JSON object")
+    return metrics
+
+
 def read_classifier_purifier(classifier_path: str) -> dict | None:
     """The purifier record in the ``metrics.json`` beside a classifier (``classifier_path``: its
     model directory or its ``.keras`` file), or None when it was trained on clean images or
@@ -149,19 +172,27 @@ def read_classifier_purifier(classifier_path: str) -> dict | None:
     Raises:
       ValueError: ``metrics.json`` exists but is not a JSON object.
     """
-    directory = (classifier_path if os.path.isdir(classifier_path)
-                 else os.path.dirname(os.path.abspath(classifier_path)))
-    path = os.path.join(directory, METRICS_FILENAME)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as handle:
-        try:
-            metrics = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(metrics, dict):
-        raise ValueError(f"{path} holds a {type(metrics).__name__}, not a JSON object")
-    return metrics.get(PURIFIER_KEY)
+    return _classifier_metrics(classifier_path).get(PURIFIER_KEY)
+
+
+def adversarial_record(classifier_path: str) -> dict | None:
+    """The adversarial-training record in the ``metrics.json`` beside a classifier (its model
+    directory or ``.keras`` file), or None for a classifier trained on clean images (or one
+    without ``metrics.json``).
+
+    Keys: ``method`` (``pgd``, ``fgsm_rs``), ``norm``, ``eps``, ``steps``, ``step_size``,
+    ``eps_warmup_epochs``, ``eot``, ``gradient`` (None, ``bpda_identity`` or
+    ``bpda_smooth(T=...)``), ``behind_purifier``, ``purifier_fingerprint`` (or None),
+    ``pgd_accuracy_per_epoch``, ``train_cpu_seconds`` and ``check`` (the per-epoch PGD).
+
+    Raises:
+      ValueError: ``metrics.json`` is not a JSON object, or its record is not one.
+    """
+    record = _classifier_metrics(classifier_path).get(ADVERSARIAL_KEY)
+    if record is not None and not isinstance(record, dict):
+        raise ValueError(f"the {ADVERSARIAL_KEY} entry beside {classifier_path!r} is a "
+                         f"{type(record).__name__}, not a JSON object")
+    return record
 
 
 def defense_mode(record: dict | None, purifier) -> str:

@@ -81,6 +81,24 @@ def test_training_saves_an_accurate_classifier_that_reloads_identically():
     assert classifiers.accuracy(loaded, images, labels) == 1.0
 
 
+def test_clean_training_keeps_its_settings_and_metrics_free_of_adversarial_keys():
+    from comdefend_tf.training import provenance
+
+    _, model_dir = attack_fixtures.tiny_classifier()
+    with open(os.path.join(model_dir, run_state.BACKUP_SUBDIR, run_state.RUN_FILENAME)) as handle:
+        settings = json.load(handle)
+    # A clean run's resumable settings are those it had before adversarial training existed.
+    assert set(settings) == {"kind", "architecture", "dataset", "image_shape", "num_classes",
+                             "weights_path", "batch_size", "seed", "steps_per_epoch", "epochs",
+                             "learning_rate"}
+    assert provenance.adversarial_record(model_dir) is None
+    with open(os.path.join(model_dir, classifiers.METRICS_FILENAME)) as handle:
+        metrics = json.load(handle)
+    assert provenance.ADVERSARIAL_KEY not in metrics
+    assert "held_out_adversarial_accuracy" not in metrics
+    assert "pgd_accuracy" not in metrics["history"]
+
+
 def test_loading_and_training_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_classifier"):
         classifiers.load_classifier(str(tmp_path))
