@@ -129,7 +129,9 @@ def main(argv):
             version_dir = export.export_savedmodel(
                 purifier, FLAGS.export_base, classifier=classifier, settings=settings,
                 version=FLAGS.version, overwrite=FLAGS.overwrite, classifier_record=record,
-                purifier_path=FLAGS.comdefend_dir)
+                purifier_path=FLAGS.comdefend_dir,
+                adversarial_record=(provenance.adversarial_record(FLAGS.classifier_dir)
+                                    if FLAGS.classifier_dir else None))
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"export_savedmodel: {error}", file=sys.stderr)
         return exit_codes.COULD_NOT_START

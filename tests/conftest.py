@@ -34,6 +34,11 @@ SLOW_FIXTURES = frozenset({
 # Test functions (every parametrization, in whichever file they live) that are slow.
 SLOW_TESTS = frozenset({
     # Programs and scripts run in a child Python.
+    # Adversarial classifiers and a LiteRT purifier as defenses (issues 23, 24).
+    "test_adversarial_training_and_a_litert_purifier_in_one_report",
+    "test_adversarially_trained_classifiers_alone_and_behind_comdefend",
+    "test_a_litert_purifier_is_a_defense_of_the_paper_table",
+    "test_a_randomized_litert_purifier_gets_draws_and_only_its_threat_models",
     # Adversarial training (issue 23): two logical devices, and the binary's flags.
     "test_mirrored_strategy_trains_adversarially_on_two_logical_devices",
     "test_binary_refuses_bad_adversarial_flags_and_prints_the_summary_line",

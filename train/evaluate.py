@@ -19,8 +19,14 @@ comdefend (test time: the purifier before --classifier_dir) and comdefend_train_
 and test time: the purifier before the retrained classifier), in every threat model (the
 attacker differentiates the whole pipeline with the retrained classifier), plus
 figure4_modes.png (the paper's Figure 4 layout; comdefend_tf/evaluation/modes.py, figure4.py).
-A classifier composed with another purifier than the one it was trained behind, or trained
-behind one and used without it, is warned about (stderr and results.md).
+--adv_classifier_dir (adv_training: an adversarially trained classifier alone) and
+--adv_purified_classifier_dir (comdefend_adv_training: ComDefend before a classifier
+adversarially trained behind it) add those defenses under the same protocol, with their
+adversarial-training records in results.json/results.md. A classifier composed with another
+purifier than the one it was trained behind, or trained behind one and used without it, or
+passed as adversarially trained without a record of it, is warned about (stderr, results.md).
+--litert_purifier adds comdefend_litert: a .tflite purifier scored on its LiteRT forward pass,
+attacked through --comdefend_dir's float gradients (BPDA).
 """
 
 import os
@@ -32,7 +38,7 @@ from absl import app, flags
 
 from comdefend_tf import attacks as attacks_lib
 from comdefend_tf.cli import flags as cli_flags
-from comdefend_tf.evaluation import baselines
+from comdefend_tf.evaluation import adaptive, baselines
 from comdefend_tf.evaluation import cpu_time, figure4, modes, paper, report, threat_models
 from comdefend_tf.io import datasets as data_lib
 from comdefend_tf.model import load_comdefend
@@ -42,6 +48,9 @@ from comdefend_tf.training import provenance
 
 cli_flags.define_data_flags()
 cli_flags.define_model_dir_flags("classifier_dir", "comdefend_dir", "purified_classifier_dir")
+for _name, _help in modes.FLAG_HELP.items():
+    flags.DEFINE_string(_name, None, _help)
+flags.DEFINE_string("litert_purifier", None, adaptive.LITERT_FLAG_HELP)
 cli_flags.define_inference_noise_flag()
 cli_flags.define_precision_flag()
 cli_flags.define_baseline_flags()
@@ -122,11 +131,45 @@ def _check_classifier(path):
     return True
 
 
-@flags.multi_flags_validator(["defenses", "purified_classifier_dir"])
+@flags.multi_flags_validator(["defenses", "purified_classifier_dir",
+                              "adv_purified_classifier_dir"])
 def _check_purified_classifier(values):
-    if values["purified_classifier_dir"] and "comdefend" not in values["defenses"]:
-        raise flags.ValidationError("--purified_classifier_dir is evaluated behind ComDefend: "
-                                    "keep comdefend in --defenses")
+    for flag in ("purified_classifier_dir", "adv_purified_classifier_dir"):
+        if values[flag] and "comdefend" not in values["defenses"]:
+            raise flags.ValidationError(f"--{flag} is evaluated behind ComDefend: keep "
+                                        "comdefend in --defenses")
+    return True
+
+
+def _check_variant_classifier(flag):
+    def check(path):
+        if path is None:
+            return True
+        keras_path = (os.path.join(path, classifiers.KERAS_FILENAME) if os.path.isdir(path)
+                      else path)
+        if not os.path.isfile(keras_path):
+            raise flags.ValidationError(f"--{flag}: no classifier at {keras_path} (train one "
+                                        "with python -m train.train_classifier --adversarial="
+                                        "pgd)")
+        return True
+    flags.register_validator(flag, check)
+
+
+for _name in modes.FLAG_HELP:
+    _check_variant_classifier(_name)
+
+
+@flags.multi_flags_validator(["litert_purifier", "comdefend_dir", "defenses"])
+def _check_litert(values):
+    path = values["litert_purifier"]
+    if path is None:
+        return True
+    if not values["comdefend_dir"] or "comdefend" not in values["defenses"]:
+        raise flags.ValidationError("--litert_purifier needs --comdefend_dir and comdefend in "
+                                    "--defenses: the float model whose gradients the attacks "
+                                    "use (BPDA)")
+    if not os.path.isfile(path):
+        raise flags.ValidationError(f"--litert_purifier: no .tflite file at {path}")
     return True
 
 
@@ -167,7 +210,22 @@ def main(argv):
                                if FLAGS.purified_classifier_dir else None)
         mismatches, purified_record = provenance.evaluation_problems(
             FLAGS.classifier_dir, purifier, FLAGS.comdefend_dir, FLAGS.purified_classifier_dir)
-    except (FileNotFoundError, ValueError) as error:
+        variants = ([modes.train_test_variant(purified_classifier, purified_record)]
+                    if purified_classifier is not None else [])
+        for flag, behind in (("adv_classifier_dir", False),
+                             ("adv_purified_classifier_dir", True)):
+            if FLAGS[flag].value:
+                problems, record = modes.adversarial_problems(
+                    FLAGS[flag].value, behind, purifier, FLAGS.comdefend_dir)
+                mismatches += problems
+                variants.append(modes.adversarial_variant(
+                    classifiers.load_classifier(FLAGS[flag].value), record, behind))
+        litert = None
+        if FLAGS.litert_purifier:
+            from comdefend_tf.litert.defense import LiteRTPurifierDefense
+
+            litert = LiteRTPurifierDefense(FLAGS.litert_purifier, purifier)
+    except (FileNotFoundError, ValueError, ImportError) as error:
         sys.exit(f"error: {error}")
     expected = tuple(classifier.input_shape[1:])
     if None not in expected and tuple(image_data.image_shape) != expected:
@@ -191,6 +249,8 @@ def main(argv):
     defenses = {name: baselines.make_defense(
         name, purifier=purifier, jpeg_quality=FLAGS.jpeg_quality, bit_depth=FLAGS.bit_depth,
         median_size=FLAGS.median_size) for name in dict.fromkeys(["none"] + FLAGS.defenses)}
+    if litert is not None:
+        defenses[adaptive.LITERT] = litert
     steps = {"bim": FLAGS.bim_steps, "pgd": FLAGS.pgd_steps, "mim": FLAGS.mim_steps,
              "cw_l2": FLAGS.cw_steps, "spsa": FLAGS.spsa_steps,
              "deepfool": FLAGS.deepfool_steps}
@@ -208,19 +268,19 @@ def main(argv):
                     attack_options=options)
     eps_values = [float(e) for e in FLAGS.eps]
     try:
-        if purified_classifier is None:
-            result = paper.evaluate(classifier, defenses, images, labels, FLAGS.attacks,
-                                    eps_values, **settings)
-        else:
-            result = modes.evaluate_paper_modes(classifier, purified_classifier, defenses,
-                                                images, labels, FLAGS.attacks, eps_values,
-                                                purifier_record=purified_record, **settings)
+        result = modes.evaluate_paper_variants(classifier, variants, defenses, images, labels,
+                                               FLAGS.attacks, eps_values, **settings)
     except ValueError as error:
         sys.exit(f"error: {error}")
     seconds = time.perf_counter() - started
     metadata = {"dataset": image_data.name, "classifier": FLAGS.classifier_dir,
                 "comdefend": FLAGS.comdefend_dir, "seed": FLAGS.seed,
                 "purified_classifier": FLAGS.purified_classifier_dir,
+                "adv_classifier": FLAGS.adv_classifier_dir,
+                "adv_purified_classifier": FLAGS.adv_purified_classifier_dir,
+                "adversarial_training": {variant.label: variant.record for variant in variants
+                                         if variant.label != modes.TRAIN_TEST},
+                "litert_purifier": None if litert is None else litert.describe(),
                 "purifier_inference_noise_std": noise, "wall_seconds": round(seconds, 1),
                 "cpu_seconds": round(cpu_time.process_cpu_seconds(), 1)}
     if mismatches:

@@ -9,7 +9,12 @@ Writes OUTPUT_DIR/robustness_report.md, robustness_report.json and worst_case_vs
 With --purified_classifier_dir (a classifier trained behind --comdefend_dir) the protocol also
 runs on ComDefend at training and test time (defense comdefend_train_test: every threat model
 attacks the pipeline with the retrained classifier; comdefend_tf/evaluation/modes.py), beside
-comdefend (test time). Purifier mismatches (provenance) are warned about.
+comdefend (test time). --adv_classifier_dir adds adv_training (an adversarially trained
+classifier alone), --adv_purified_classifier_dir comdefend_adv_training (ComDefend before a
+classifier adversarially trained behind it): the same protocol with that classifier, each
+classifier's adversarial-training record in the report. --litert_purifier adds
+comdefend_litert (the .tflite purifier forward, BPDA through --comdefend_dir's gradients).
+Purifier mismatches and missing adversarial records (provenance) are warned about.
 This binary parses flags and calls comdefend_tf.evaluation (adaptive: the protocol; report:
 the files); the threat models, the scoring and the cascade are documented there.
 """
@@ -34,6 +39,9 @@ FLAGS = flags.FLAGS
 
 cli_flags.define_data_flags()
 cli_flags.define_model_dir_flags("classifier_dir", "comdefend_dir", "purified_classifier_dir")
+for _name, _help in modes.FLAG_HELP.items():
+    flags.DEFINE_string(_name, None, _help)
+flags.DEFINE_string("litert_purifier", None, adaptive.LITERT_FLAG_HELP)
 flags.DEFINE_string("second_classifier_dir", None, "An independently trained classifier: when "
                     "given, the transfer threat model runs on every defense. The same file, or "
                     "a copy of the same weights, is refused.")
@@ -164,9 +172,47 @@ def build_protocol(image_shape):
     if "comdefend" in protocol.defenses and not FLAGS.comdefend_dir:
         raise app.UsageError("defense comdefend needs --comdefend_dir; or leave it out of "
                              "--defenses")
-    if FLAGS.purified_classifier_dir and "comdefend" not in protocol.defenses:
-        raise app.UsageError("--purified_classifier_dir is evaluated behind ComDefend: keep "
-                             "comdefend in --defenses")
+    for flag in ("purified_classifier_dir", "adv_purified_classifier_dir"):
+        if FLAGS[flag].value and "comdefend" not in protocol.defenses:
+            raise app.UsageError(f"--{flag} is evaluated behind ComDefend: keep comdefend in "
+                                 "--defenses")
+    if FLAGS.adv_classifier_dir and "none" not in protocol.defenses:
+        raise app.UsageError("--adv_classifier_dir is evaluated without a purifier: keep none "
+                             "in --defenses")
+    return protocol
+
+
+def _check_paths():
+    """Refuses (``app.UsageError``) a variant classifier or LiteRT file that is not there."""
+    for flag in ("adv_classifier_dir", "adv_purified_classifier_dir"):
+        path = FLAGS[flag].value
+        if path:
+            keras_path = (os.path.join(path, classifiers.KERAS_FILENAME) if os.path.isdir(path)
+                          else path)
+            if not os.path.isfile(keras_path):
+                raise app.UsageError(f"--{flag}: no classifier at {keras_path} (train one with "
+                                     "python -m train.train_classifier --adversarial=pgd)")
+    if FLAGS.litert_purifier is not None:
+        if not FLAGS.comdefend_dir:
+            raise app.UsageError("--litert_purifier needs --comdefend_dir: the float model "
+                                 "whose gradients the attacks use (BPDA)")
+        if not os.path.isfile(FLAGS.litert_purifier):
+            raise app.UsageError(f"--litert_purifier: no .tflite file at "
+                                 f"{FLAGS.litert_purifier}")
+
+
+def _defenses(image_shape):
+    """The protocol, with comdefend_litert added when --litert_purifier is given."""
+    protocol = build_protocol(image_shape)
+    names = list(protocol.defenses)
+    if FLAGS.litert_purifier and adaptive.LITERT not in names:
+        names.append(adaptive.LITERT)
+    elif adaptive.LITERT in names and not FLAGS.litert_purifier:
+        raise app.UsageError(f"defense {adaptive.LITERT} needs --litert_purifier=PATH.tflite")
+    if FLAGS.litert_purifier and "comdefend" not in names:
+        raise app.UsageError("--litert_purifier is attacked through ComDefend's float model: "
+                             "keep comdefend in --defenses")
+    protocol.defenses = names
     return protocol
 
 
@@ -186,7 +232,8 @@ def main(argv):
     if image_data.num_classes is None:
         sys.exit(f"error: dataset {FLAGS.dataset} has no labels; a robustness report needs "
                  "labelled images")
-    protocol = build_protocol(image_data.image_shape)
+    _check_paths()
+    protocol = _defenses(image_data.image_shape)
     try:
         classifier = classifiers.load_classifier(FLAGS.classifier_dir)
         second = None
@@ -208,7 +255,22 @@ def main(argv):
                                if FLAGS.purified_classifier_dir else None)
         mismatches, purified_record = provenance.evaluation_problems(
             FLAGS.classifier_dir, purifier, FLAGS.comdefend_dir, FLAGS.purified_classifier_dir)
-    except (FileNotFoundError, ValueError) as error:
+        variants = ([modes.train_test_variant(purified_classifier, purified_record)]
+                    if purified_classifier is not None else [])
+        for flag, behind in (("adv_classifier_dir", False),
+                             ("adv_purified_classifier_dir", True)):
+            if FLAGS[flag].value:
+                problems, record = modes.adversarial_problems(
+                    FLAGS[flag].value, behind, purifier, FLAGS.comdefend_dir)
+                mismatches += problems
+                variants.append(modes.adversarial_variant(
+                    classifiers.load_classifier(FLAGS[flag].value), record, behind))
+        extra = {}
+        if FLAGS.litert_purifier:
+            from comdefend_tf.litert.defense import LiteRTPurifierDefense
+
+            extra[adaptive.LITERT] = LiteRTPurifierDefense(FLAGS.litert_purifier, purifier)
+    except (FileNotFoundError, ValueError, ImportError) as error:
         sys.exit(f"error: {error}")
     images, labels = data_lib.take_arrays(image_data.test, FLAGS.num_examples)
     if len(images) < FLAGS.num_examples:
@@ -223,7 +285,8 @@ def main(argv):
           f"Square {protocol.square_queries} queries, "
           f"{'per-attack rows' if protocol.per_attack_rows else 'cascade'}")
     models = adaptive.Models(classifier=classifier, purifier=purifier,
-                             second_classifier=second, baselines=baseline_defenses)
+                             second_classifier=second, baselines=baseline_defenses,
+                             extra=extra)
     try:
         evaluation = adaptive.Evaluation(models, images, labels, protocol)
     except ValueError as error:
@@ -232,11 +295,11 @@ def main(argv):
         def progress(description):
             bar.set_postfix_str(description)
             bar.update(1)
-        if purified_classifier is None:
+        if not variants:
             results = evaluation.run(progress)
         else:
-            results = modes.run_adaptive_modes(models, purified_classifier, images, labels,
-                                               protocol, progress, purified_record)
+            results = modes.run_adaptive_variants(models, variants, images, labels, protocol,
+                                                  progress)
     metadata = {"dataset": image_data.name, "classifier_dir": FLAGS.classifier_dir,
                 "comdefend_dir": FLAGS.comdefend_dir,
                 "second_classifier_dir": FLAGS.second_classifier_dir,
@@ -248,6 +311,12 @@ def main(argv):
                 "wall_seconds": time.time() - start,
                 "cpu_seconds": cpu_time.process_cpu_seconds(),
                 "purified_classifier_dir": FLAGS.purified_classifier_dir,
+                "adv_classifier_dir": FLAGS.adv_classifier_dir,
+                "adv_purified_classifier_dir": FLAGS.adv_purified_classifier_dir,
+                "adversarial_training": {variant.label: variant.record for variant in variants
+                                         if variant.label != modes.TRAIN_TEST},
+                "litert_purifier": (extra[adaptive.LITERT].describe() if extra
+                                    else None),
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
     if mismatches:
         metadata["provenance_warnings"] = mismatches
@@ -256,6 +325,8 @@ def main(argv):
     for warning in mismatches:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"Wrote {paths['markdown']}, {paths['json']} and {paths['plot']}")
+    for line in modes.worst_case_lines(results):
+        print(line)
 
 
 def run():

@@ -81,10 +81,10 @@ flags.DEFINE_float("adv_eps_warmup_epochs", adversarial_lib.DEFAULT_WARMUP_EPOCH
                    "which eps ramps linearly (per step) from 0 to --adv_eps; 0: full eps at once.")
 flags.DEFINE_integer("adv_eot", adversarial_lib.DEFAULT_EOT, "Behind a randomized purifier: "
                      "noise draws whose input gradients each attack step averages.")
-flags.DEFINE_enum("adv_gradient", None, adversarial_lib.GRADIENTS, "Behind a purifier: BPDA "
-                  "backward pass: bpda_smooth (sigmoid(noisy logits / T) at the binarizer; "
-                  "default) or bpda_identity (identity through the whole purifier).")
-flags.DEFINE_float("adv_temperature", None, "bpda_smooth's T (default "
+flags.DEFINE_enum("adv_gradient", None, adversarial_lib.GRADIENTS, "Behind a purifier: the "
+                  "BPDA backward pass (docs/adversarial_training.md); default "
+                  f"{adversarial_lib.GRADIENTS[0]}.")
+flags.DEFINE_float("adv_temperature", None, f"{adversarial_lib.GRADIENTS[0]}'s T (default "
                    f"{adversarial_lib.DEFAULT_TEMPERATURE:g}); higher T passes gradient "
                    "through more code bits.")
 flags.mark_flag_as_required("model_dir")

@@ -9,7 +9,8 @@ labels int ``[N]``; bad settings and missing models raise ValueError before any 
 What runs, per norm and eps, on the same N examples, and in which order: ``cascade``. Every
 attack returns its final points and its candidates (points a deployed draw misclassified
 during the search); each set passes ``checks.check_adversarial`` and is verified with
-``verify_draws`` fresh draws on a randomized ComDefend (1 on a deterministic defense); per
+``verify_draws`` fresh draws on a randomized defense (ComDefend with noise, a LiteRT
+purifier that draws noise; 1 on a deterministic defense); per
 example the point wrong in the most draws counts, and the example is broken when its failure
 rate is significantly above 0 (``scoring.significantly_failing``: any wrong draw). Per-example
 failure rates go into the worst case (``failure_rates``).
@@ -44,6 +45,13 @@ from comdefend_tf.evaluation.cascade import AttackPlan, attack_points
 
 BASELINE_DEFENSES = ("jpeg", "bit_depth", "median")
 DEFENSES = ("none", "comdefend") + BASELINE_DEFENSES
+# Defenses run only when their layer is given (``Models.extra``), never by default.
+LITERT = "comdefend_litert"
+EXTRA_DEFENSES = (LITERT,)
+LITERT_FLAG_HELP = ("A LiteRT purifier (.tflite, export_litert) of --comdefend_dir's model: adds "
+                    f"the defense {LITERT}, scored on the LiteRT forward pass and attacked "
+                    "through the float model's gradients (BPDA) and with the "
+                    "defense-independent images (in the robustness report also by Square).")
 NORMS = ("linf", "l2")
 # Cascade order: APGD-CE, APGD-T (targeted DLR), APGD-DLR.
 LOSSES = ("ce", "t", "dlr")
@@ -127,8 +135,9 @@ class Protocol:
                 raise ValueError(f"threat model {name!r} is not one of the adaptive protocol's: "
                                  f"{', '.join(THREAT_MODELS)} (white_box always runs on none)")
         for name in self.defenses:
-            if name not in DEFENSES:
-                raise ValueError(f"unknown defense {name!r}; choose from {', '.join(DEFENSES)}")
+            if name not in DEFENSES + EXTRA_DEFENSES:
+                raise ValueError(f"unknown defense {name!r}; choose from "
+                                 f"{', '.join(DEFENSES + EXTRA_DEFENSES)}")
         for loss in self.losses:
             if loss not in LOSSES:
                 raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)} (t: "
@@ -154,12 +163,15 @@ class Protocol:
 @dataclasses.dataclass
 class Models:
     """What is evaluated: the classifier, the ComDefend purifier (or None), the second
-    classifier for transfer (or None) and the baseline layers by name."""
+    classifier for transfer (or None), the baseline layers by name and the other defense
+    layers by name (``extra``: ``comdefend_litert``, a LiteRT purifier whose ``randomized``
+    attribute says whether it draws noise)."""
 
     classifier: object
     purifier: object = None
     second_classifier: object = None
     baselines: dict = dataclasses.field(default_factory=dict)
+    extra: dict = dataclasses.field(default_factory=dict)
 
 
 class Evaluation(AttackPlan):
@@ -185,6 +197,9 @@ class Evaluation(AttackPlan):
         for name in protocol.defenses:
             if name in BASELINE_DEFENSES and name not in models.baselines:
                 raise ValueError(f"baseline defense {name!r} missing from models.baselines")
+            if name in EXTRA_DEFENSES and name not in models.extra:
+                raise ValueError(f"defense {name!r} needs its layer in models.extra (a LiteRT "
+                                 "purifier: --litert_purifier)")
         super().__init__(models, images, labels, protocol)
         self.rows: list[dict] = []
         self.worst: list[dict] = []

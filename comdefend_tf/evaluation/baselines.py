@@ -198,6 +198,10 @@ def describe_defense(name: str, defense) -> str:
 
 
 def is_randomized(defense) -> bool:
-    """True when ``defense`` draws fresh noise at each call (ComDefend with inference noise)."""
+    """True when ``defense`` draws fresh noise at each call: a layer's own ``randomized``
+    attribute when it has one (a LiteRT purifier), else ComDefend with inference noise."""
+    randomized = getattr(defense, "randomized", None)
+    if isinstance(randomized, bool):
+        return randomized
     config = getattr(defense, "config", None)
     return bool(config is not None and getattr(config, "inference_noise_std", 0.0) > 0.0)

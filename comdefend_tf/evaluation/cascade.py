@@ -90,18 +90,24 @@ class AttackPlan:
             return None
         if name == "comdefend":
             return self.models.purifier
-        return self.models.baselines[name]
+        if name in self.models.baselines:
+            return self.models.baselines[name]
+        return self.models.extra[name]
+
+    def randomized_defense(self, defense_name: str) -> bool:
+        """Whether the defense draws fresh noise per call (``baselines.is_randomized``: a
+        property of the layer, not of its name)."""
+        defense = self.defense(defense_name)
+        return defense is not None and baselines.is_randomized(defense)
 
     def draws(self, defense_name: str) -> int:
-        """Verification draws per point: ``protocol.verify_draws`` on a randomized ComDefend,
-        1 on a deterministic defense."""
-        return self.protocol.verify_draws if (defense_name == "comdefend"
-                                              and self.randomized) else 1
+        """Verification draws per point: ``protocol.verify_draws`` on a randomized defense
+        (ComDefend with noise, a LiteRT purifier that draws noise), 1 on a deterministic one."""
+        return self.protocol.verify_draws if self.randomized_defense(defense_name) else 1
 
     def attack_draws(self, defense_name: str) -> int:
-        """EOT draws of the attacks: ``protocol.eot_samples`` on a randomized ComDefend."""
-        return self.protocol.eot_samples if (defense_name == "comdefend"
-                                             and self.randomized) else 1
+        """EOT draws of the attacks: ``protocol.eot_samples`` on a randomized defense."""
+        return self.protocol.eot_samples if self.randomized_defense(defense_name) else 1
 
     def fixed_noise(self):
         """Per-example noise draws of the ``fixed_noise`` attacker, float32 ``[N, h, w,

@@ -21,7 +21,7 @@ import numpy as np
 
 from comdefend_tf import attacks as attacks_lib
 from comdefend_tf import optional
-from comdefend_tf.evaluation import adaptive, convergence, paper
+from comdefend_tf.evaluation import adaptive, convergence, modes, paper
 from comdefend_tf.io.atomic import atomic_path, write_json_atomic, write_text_atomic
 
 RESULTS_JSON = "results.json"
@@ -39,8 +39,12 @@ TABLE_COLUMNS = (
     ("undefended_success_rate", "undefended attack success rate"),
     ("mean_l2", "mean L2"), ("mean_linf", "mean Linf"),
 )
-
-
+# The worst-case figure's series (the best baseline is chosen by ``adaptive.best_baseline``).
+WORST_CASE_SERIES = (("none", "undefended"), ("comdefend", "ComDefend"), (None, "best baseline"),
+                     (modes.TRAIN_TEST, "ComDefend, training and test time"),
+                     (modes.ADV_TRAINING, "adversarial training"),
+                     (modes.ADV_PURIFIED, "ComDefend + adversarial training"),
+                     (adaptive.LITERT, "ComDefend, LiteRT"))
 
 
 def _json_default(value):
@@ -283,17 +287,12 @@ def format_robustness_markdown(results: dict, metadata: dict) -> str:
         "final points on fresh draws; per example the point wrong in the most draws counts, "
         "and the example is broken when its failure rate is significantly above 0 "
         "(one-sided 95% Wilson lower bound > 0, i.e. any wrong draw).")
-    if "modes" in settings:
-        alone = settings["modes"]["purified_classifier_without_purifier"]
-        lines.append("")
-        lines.append(
-            "Two defense modes: `comdefend` is ComDefend at test time (the purifier before the "
-            "classifier trained on clean images), `comdefend_train_test` at training and test "
-            "time (the purifier before a classifier trained on purified images). Every threat "
-            "model of `comdefend_train_test` attacks that pipeline (oblivious: the retrained "
-            "classifier alone; bpda_*: the whole pipeline with it); its `undefended_success` "
-            "is measured on the retrained classifier without the purifier (clean accuracy "
-            f"there: {_pct(alone)} %).")
+    lines += modes.markdown_lines(settings)
+    if adaptive.LITERT in results["clean"]:
+        lines += ["", f"`{adaptive.LITERT}`: the LiteRT purifier {metadata.get('litert_purifier')}"
+                  " scored on its LiteRT forward pass; gradient attacks go through the float "
+                  "purifier's gradients (BPDA), Square queries the LiteRT pipeline; ComDefend's "
+                  "own forward options (soft_path, bpda_smooth, fixed_noise) do not apply."]
     lines.append("")
     line = cpu_line(metadata, n)
     if line:
@@ -446,16 +445,15 @@ def failure_rate_lines(worst_rows: list[dict]) -> list[str]:
 
 def plot_worst_case(results: dict, path: str) -> str:
     """Strict worst-case accuracy (solid, 95% band) and majority (dashed) against L-inf eps
-    for the undefended classifier, ComDefend and the best baseline. Writes a PNG."""
+    for each defense of ``WORST_CASE_SERIES`` in the results. Writes a PNG."""
     plt = _pyplot()
     headline = results["settings"]["headline_eps"]
     rows = [r for r in results["worst_case"] if r["norm"] == "linf"]
     baseline = adaptive.best_baseline(results["worst_case"], headline)
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
-    for index, (defense_name, label) in enumerate(
-            (("none", "undefended"), ("comdefend", "ComDefend"),
-             (baseline, f"best baseline ({baseline})"),
-             ("comdefend_train_test", "ComDefend, training and test time"))):
+    for index, (defense_name, label) in enumerate(WORST_CASE_SERIES):
+        if defense_name is None:
+            defense_name, label = baseline, f"{label} ({baseline})"
         own = sorted((r for r in rows if r["defense"] == defense_name), key=lambda r: r["eps"])
         clean = results["clean"].get(defense_name)
         if defense_name is None or not own or clean is None:

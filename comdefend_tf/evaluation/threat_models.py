@@ -48,8 +48,8 @@ from typing import Callable
 import tensorflow as tf
 from keras import ops
 
+from comdefend_tf import bpda
 from comdefend_tf.evaluation import baselines
-from comdefend_tf.layers import hard_threshold
 
 # The vocabulary: every threat model of every protocol. Everything else (the protocols'
 # lists, the binaries' flag choices and help) is derived from this tuple.
@@ -110,15 +110,6 @@ def resolve(name: str) -> str:
         raise ValueError(f"unknown threat model {name!r}; choose from "
                          f"{', '.join(THREAT_MODELS)} (or the deprecated alias adaptive)")
     return name
-
-
-def identity_backward(defense) -> Callable:
-    """``x -> x + stop_gradient(defense(x) - x)``: the defense's values forward, the identity's
-    gradient backward (BPDA with the identity as the purifier's approximation)."""
-    def purify(images):
-        images = ops.convert_to_tensor(images)
-        return images + ops.stop_gradient(defense(images) - images)
-    return purify
 
 
 @dataclasses.dataclass
@@ -184,17 +175,10 @@ def fixed_noise_fn(classifier, purifier, noise) -> Callable:
 
 def smoothed_binarizer_fn(classifier, purifier, temperature: float) -> Callable:
     """``images -> logits`` of the deployed pipeline (hard bits, the inference noise) whose
-    backward pass through the binarizer is ``sigmoid(noisy_logits / temperature)``'s."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-
-    def logits(images):
-        images = ops.convert_to_tensor(images)
-        noisy = purifier.code_noise(purifier.encoder(images, training=False), training=False)
-        smooth = ops.sigmoid(noisy / temperature)
-        code = hard_threshold(noisy) + (smooth - ops.stop_gradient(smooth))
-        return classifier(purifier.decoder(code, training=False), training=False)
-    return logits
+    backward pass through the binarizer is ``sigmoid(noisy_logits / temperature)``'s
+    (``bpda.smoothed_purify``)."""
+    purify = bpda.smoothed_purify(purifier, temperature)
+    return lambda images: classifier(purify(images), training=False)
 
 
 def code_share_fn(purifier, temperature: float | None) -> Callable:
@@ -217,6 +201,11 @@ def _binarizer_temperature(purifier):
     return 1.0 if getattr(purifier.binarize, "gradient", "identity") == "sigmoid" else None
 
 
+def is_comdefend(defense) -> bool:
+    """Whether ``defense`` is a ComDefend model (its forward options and binarizer exist)."""
+    return hasattr(defense, "forward") and hasattr(defense, "binarize")
+
+
 def applies(threat_model: str, defense_name: str, defense) -> bool:
     """Whether ``threat_model`` is a distinct attack on this defense: ``white_box`` only on the
     undefended classifier (with ``gradient_free`` and ``transfer``), the defense-dependent ones only on a real defense, ComDefend's
@@ -229,8 +218,8 @@ def applies(threat_model: str, defense_name: str, defense) -> bool:
     if undefended:
         # On the undefended classifier oblivious and bpda_* are white_box itself.
         return threat_model in ("gradient_free", "transfer")
-    if threat_model in COMDEFEND_ONLY and not hasattr(defense, "forward"):
-        return False
+    if threat_model in COMDEFEND_ONLY and not is_comdefend(defense):
+        return False  # e.g. a LiteRT purifier: its forward options are not ComDefend's
     if threat_model == "bpda_smooth":  # only where the deployed code is bits
         return defense.config.inference_mode == "hard"
     if threat_model == "fixed_noise":
@@ -267,14 +256,14 @@ def build(threat_model: str, classifier, defense=None, second_classifier=None,
         return AttackedModel(name, logits_fn(second_classifier), describe)
     if defense is None:
         raise ValueError(f"threat model {name} attacks a defense; none was given")
-    comdefend = hasattr(defense, "forward") and hasattr(defense, "binarize")
+    comdefend = is_comdefend(defense)
     if name in ("bpda_eot", "gradient_free"):
         share = (code_share_fn(defense, _binarizer_temperature(defense))
                  if comdefend and name == "bpda_eot" else None)
         return AttackedModel(name, logits_fn(classifier, defense), describe, randomized,
                              code_share=share)
     if name == "bpda_identity":
-        purify = identity_backward(defense)
+        purify = bpda.identity_backward(defense)
         return AttackedModel(name, lambda images: classifier(purify(images), training=False),
                              describe, randomized)
     if not hasattr(defense, "forward"):

@@ -63,11 +63,13 @@ def next_version(export_base: str) -> int:
 def export_metadata(purifier: ComDefend, classifier: keras.Model | None,
                     settings: ExportSettings, version: int,
                     classifier_record: dict | None = None,
-                    provenance_warnings=()) -> dict:
+                    provenance_warnings=(), adversarial_record: dict | None = None) -> dict:
     """The ``comdefend_export.json`` contents. ``defense_mode``: ``test_time`` (a classifier
     trained on clean images), ``train_and_test_time`` (one trained behind a purifier:
     ``classifier_record``, ``provenance.read_classifier_purifier``) or ``purify_only`` (no
-    classifier); ``provenance_warnings``: the purifier mismatches found at export."""
+    classifier); ``provenance_warnings``: the purifier mismatches found at export;
+    ``classifier_adversarial_training``: the classifier's adversarial-training record
+    (``provenance.adversarial_record``), None when it was not adversarially trained."""
     signatures = ([signatures_lib.SIGNATURE_CLASSIFY] if classifier is not None else []) + [
         signatures_lib.SIGNATURE_PURIFY, signatures_lib.SIGNATURE_PURIFY_BYTES,
         signatures_lib.SIGNATURE_PURIFY_EXAMPLES]
@@ -91,6 +93,7 @@ def export_metadata(purifier: ComDefend, classifier: keras.Model | None,
                              else provenance.defense_mode(classifier_record, purifier)),
             "purifier_fingerprint": provenance.weights_fingerprint(purifier),
             "classifier_trained_behind_purifier": classifier_record,
+            "classifier_adversarial_training": adversarial_record,
             "provenance_warnings": list(provenance_warnings)}
 
 
@@ -157,7 +160,8 @@ def remove_stale_temporaries(export_base: str) -> list[str]:
 def export_savedmodel(purifier: ComDefend, export_base: str, classifier: keras.Model | None = None,
                       settings: ExportSettings = ExportSettings(), version: int | None = None,
                       overwrite: bool = False, classifier_record: dict | None = None,
-                      purifier_path: str | None = None) -> str:
+                      purifier_path: str | None = None,
+                      adversarial_record: dict | None = None) -> str:
     """Writes ``export_base/VERSION/`` (a SavedModel TF Serving can load) atomically.
 
     The version is built in a hidden temporary folder beside it (``.partial-VERSION-pidPID-*``,
@@ -180,6 +184,8 @@ def export_savedmodel(purifier: ComDefend, export_base: str, classifier: keras.M
         about (``provenance.PurifierMismatchWarning``) and listed in the metadata's
         ``provenance_warnings``; the metadata's ``defense_mode`` follows from it.
       purifier_path: where ``purifier`` came from (named in those warnings).
+      adversarial_record: the classifier's adversarial-training record
+        (``provenance.adversarial_record``), kept in the metadata.
 
     Returns:
       the absolute path of the written version folder.
@@ -206,7 +212,8 @@ def export_savedmodel(purifier: ComDefend, export_base: str, classifier: keras.M
     try:
         _write_version(archive, partial,
                        export_metadata(purifier, classifier, settings, version,
-                                       classifier_record, mismatches))
+                                       classifier_record, mismatches,
+                                       adversarial_record))
         _fsync_tree(partial)
         if os.path.exists(final):
             if not overwrite:

@@ -40,10 +40,10 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from comdefend_tf import bpda
 from comdefend_tf.attacks import apgd_steps
 from comdefend_tf.io.atomic import atomic_path
 from comdefend_tf.io.datasets import take_arrays
-from comdefend_tf.layers import hard_threshold
 from comdefend_tf.training import provenance, run_state
 
 METHODS = ("none", "pgd", "fgsm_rs")
@@ -193,23 +193,15 @@ def eps_at(step, eps: float, warmup_steps: int):
 
 def bpda_purify(purifier, gradient: str, temperature: float | None = None):
     """``images -> purified``: the deployed purification forward (hard bits, inference noise),
-    with a BPDA backward pass: ``bpda_smooth`` through ``sigmoid(noisy logits / T)`` at the
-    binarizer, ``bpda_identity`` the identity through the whole purifier (Athalye et al. 2018).
-    """
+    with a BPDA backward pass (``comdefend_tf.bpda``): ``bpda_smooth`` through
+    ``sigmoid(noisy logits / T)`` at the binarizer, ``bpda_identity`` the identity through the
+    whole purifier."""
     if gradient == "bpda_identity":
-        def identity(images):
-            return images + ops.stop_gradient(purifier(images, training=False) - images)
-        return identity
+        return bpda.identity_backward(lambda images: purifier(images, training=False))
     if gradient != "bpda_smooth" or not temperature or temperature <= 0:
         raise ValueError(f"bpda_purify needs bpda_identity or bpda_smooth with a temperature "
                          f"> 0, got {gradient!r}, {temperature!r}")
-
-    def smooth(images):
-        noisy = purifier.code_noise(purifier.encoder(images, training=False), training=False)
-        surrogate = ops.sigmoid(noisy / temperature)
-        code = hard_threshold(noisy) + (surrogate - ops.stop_gradient(surrogate))
-        return purifier.decoder(code, training=False)
-    return smooth
+    return bpda.smoothed_purify(purifier, temperature)
 
 
 class _StatelessDraws:

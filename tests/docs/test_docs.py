@@ -509,7 +509,7 @@ def test_the_demo_trains_each_config_at_a_rate_that_does_not_collapse_it(tmp_pat
     assert completed.returncode == 0, completed.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
     training = [call for call in calls if call.startswith("-m train.train_comdefend")]
-    assert len(training) == 1 and len(calls) == 5
+    assert len(training) == 1 and len(calls) == 8
     assert f"--config={config}" in training[0].split()
     assert f"--learning_rate={learning_rate}" in training[0].split()
     environment["COMDEFEND_LEARNING_RATE"] = "3e-4"  # the override still wins

@@ -3,6 +3,7 @@ digit PNGs in class folders; bad flags fail with clear messages."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -102,6 +103,18 @@ def test_bad_flags_fail_with_clear_messages(folder_setup, tmp_path):
             ["train.evaluate", f"--dataset=folder:{folder}", f"--output_dir={tmp_path}",
              f"--classifier_dir={classifier_dir}", "--defenses=none,comdefend"],
             "--comdefend_dir is not set"),
+        "missing adversarial classifier": (
+            common + [f"--classifier_dir={classifier_dir}",
+                      f"--adv_classifier_dir={tmp_path / 'missing_adv'}"],
+            "--adv_classifier_dir: no classifier at"),
+        "adversarially trained behind ComDefend without it": (
+            common + [f"--classifier_dir={classifier_dir}",
+                      f"--adv_purified_classifier_dir={classifier_dir}"],
+            "--adv_purified_classifier_dir is evaluated behind ComDefend"),
+        "litert without its float purifier": (
+            common + [f"--classifier_dir={classifier_dir}",
+                      f"--litert_purifier={tmp_path / 'p.tflite'}"],
+            "--litert_purifier needs --comdefend_dir"),
     }
     # Start all at once: each child spends most of its time importing TensorFlow.
     processes = {name: subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT,
@@ -150,3 +163,67 @@ def test_both_defense_modes_side_by_side_with_figure4(folder_setup):
     assert "used without a purifier" in mismatch.stderr
     with open(root / "alone" / "results.json") as handle:
         assert handle.read().count("used without a purifier") == 1
+
+
+def _adversarial_copy(classifier_dir, folder, record):
+    """A copy of the classifier whose metrics.json carries an adversarial-training record
+    (the evaluation only reads the record; the weights need not be adversarially trained)."""
+    shutil.copytree(classifier_dir, folder)
+    metrics_path = folder / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    metrics["adversarial_training"] = record
+    metrics_path.write_text(json.dumps(metrics))
+    return folder
+
+
+def test_adversarially_trained_classifiers_alone_and_behind_comdefend(folder_setup):
+    folder, classifier_dir, comdefend_dir, root, _ = folder_setup
+    record = {"method": "fgsm_rs", "norm": "linf", "eps": 0.1, "steps": 1, "step_size": 0.125,
+              "eps_warmup_epochs": 0, "eot": 1, "gradient": None, "behind_purifier": False,
+              "purifier_fingerprint": None}
+    alone = _adversarial_copy(classifier_dir, root / "adv", record)
+    behind = _adversarial_copy(classifier_dir, root / "adv_purified", dict(
+        record, behind_purifier=True, purifier_fingerprint="sha256:" + "0" * 64))
+    output_dir = root / "adversarial"
+    result = _run("train.evaluate", f"--dataset=folder:{folder}",
+                  f"--classifier_dir={classifier_dir}", f"--comdefend_dir={comdefend_dir}",
+                  f"--adv_classifier_dir={alone}", f"--adv_purified_classifier_dir={behind}",
+                  "--attacks=fgsm", "--eps=0.3", "--num_examples=8", "--defenses=comdefend",
+                  "--threat_models=oblivious,bpda_eot", f"--output_dir={output_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "whose weights differ" in result.stderr  # the recorded purifier is another one
+    with open(output_dir / "results.json") as handle:
+        payload = json.load(handle)
+    assert payload["settings"]["defenses"] == ["none", "adv_training", "comdefend",
+                                               "comdefend_adv_training"]
+    # The same weights as --classifier_dir: the same clean accuracy, in its own row.
+    assert payload["clean_accuracy"]["adv_training"] == payload["clean_accuracy"]["none"]
+    defenses = {(row["defense"], row["threat_model"]) for row in payload["rows"]}
+    assert {("adv_training", "white_box"), ("comdefend_adv_training", "bpda_eot"),
+            ("comdefend_adv_training", "oblivious")} <= defenses
+    assert payload["metadata"]["adversarial_training"]["adv_training"]["method"] == "fgsm_rs"
+    assert any("whose weights differ" in w for w in payload["metadata"]["provenance_warnings"])
+
+
+def test_a_litert_purifier_is_a_defense_of_the_paper_table(folder_setup):
+    pytest.importorskip("ai_edge_litert", reason="the [litert] extra runs .tflite purifiers")
+    from comdefend_tf.litert import convert
+
+    folder, classifier_dir, comdefend_dir, root, _ = folder_setup
+    purifier, _ = attack_fixtures.tiny_comdefend()
+    tflite = root / "purifier.tflite"
+    tflite.write_bytes(convert.convert(purifier, "dynamic_int8", (8, 8), noise_std=1.0))
+    output_dir = root / "litert"
+    result = _run("train.evaluate", f"--dataset=folder:{folder}",
+                  f"--classifier_dir={classifier_dir}", f"--comdefend_dir={comdefend_dir}",
+                  f"--litert_purifier={tflite}", "--inference_noise_std=1.0", "--eot_samples=2",
+                  "--attacks=fgsm", "--eps=0.3", "--num_examples=8", "--defenses=comdefend",
+                  "--threat_models=oblivious,bpda_eot,bpda_identity", f"--output_dir={output_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(output_dir / "results.json") as handle:
+        payload = json.load(handle)
+    assert payload["settings"]["defenses"] == ["none", "comdefend", "comdefend_litert"]
+    litert = {row["threat_model"]: row for row in payload["rows"]
+              if row["defense"] == "comdefend_litert"}
+    assert set(litert) == {"oblivious", "bpda_eot", "bpda_identity"}
+    assert "noise per call" in payload["metadata"]["litert_purifier"]

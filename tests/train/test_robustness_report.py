@@ -4,6 +4,7 @@ binaries."""
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -147,6 +148,14 @@ def test_bad_flags_fail_clearly(tmp_path):
         "same second classifier": ([f"--classifier_dir={classifier_dir}",
                                     f"--second_classifier_dir={classifier_dir}",
                                     "--defenses=none", out], "same file as the classifier"),
+        "litert without float model": ([f"--classifier_dir={classifier_dir}",
+                                        f"--litert_purifier={tmp_path / 'p.tflite'}",
+                                        "--defenses=none", out],
+                                       "--litert_purifier needs --comdefend_dir"),
+        "missing adversarial classifier": ([f"--classifier_dir={classifier_dir}",
+                                            f"--adv_classifier_dir={tmp_path / 'nothing'}",
+                                            "--defenses=none", out],
+                                           "--adv_classifier_dir: no classifier at"),
     }
     # Start all at once: each child spends most of its time importing TensorFlow.
     processes = {name: subprocess.Popen(
@@ -207,3 +216,62 @@ def test_binaries_only_parse_flags_and_call_the_library(path):
     strings = [node.value for node in ast.walk(tree)
                if isinstance(node, ast.Constant) and isinstance(node.value, str)]
     assert not [text for text in strings if "|---" in text or text.startswith("| ")]
+
+
+def _adversarial_copy(classifier_dir, folder, record):
+    """A copy of the classifier whose metrics.json carries an adversarial-training record."""
+    shutil.copytree(classifier_dir, folder)
+    metrics_path = folder / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    metrics["adversarial_training"] = record
+    metrics_path.write_text(json.dumps(metrics))
+    return folder
+
+
+def test_adversarial_training_and_a_litert_purifier_in_one_report(tmp_path):
+    pytest.importorskip("ai_edge_litert", reason="the [litert] extra runs .tflite purifiers")
+    from comdefend_tf.litert import convert
+    from comdefend_tf.training import provenance
+
+    _, classifier_dir = attack_fixtures.tiny_classifier()
+    purifier, comdefend_dir = attack_fixtures.tiny_comdefend()
+    tflite = tmp_path / "purifier.tflite"
+    tflite.write_bytes(convert.convert(purifier, "float32", (8, 8), noise_std=1.0))
+    record = {"method": "pgd", "norm": "linf", "eps": 0.3, "steps": 5, "step_size": 0.1,
+              "eps_warmup_epochs": 1, "eot": 1, "gradient": None, "behind_purifier": False,
+              "purifier_fingerprint": None}
+    alone = _adversarial_copy(classifier_dir, tmp_path / "adv", record)
+    behind = _adversarial_copy(classifier_dir, tmp_path / "adv_purified", dict(
+        record, behind_purifier=True, gradient="bpda_smooth(T=10)",
+        purifier_fingerprint=provenance.weights_fingerprint(purifier)))
+    output_dir = tmp_path / "report"
+    result = run_report(
+        "--dataset=digits", f"--classifier_dir={classifier_dir}",
+        f"--comdefend_dir={comdefend_dir}", "--inference_noise_std=1.0",
+        f"--adv_classifier_dir={alone}", f"--adv_purified_classifier_dir={behind}",
+        f"--litert_purifier={tflite}", "--defenses=none,comdefend", "--num_examples=6",
+        "--norm=linf", "--eps=0.2", "--sanity_eps=", "--steps=2", "--eot_samples=2",
+        "--square_queries=5", "--losses=ce", "--ablation_steps=", "--ablation_eot=",
+        "--ablation_restarts=", "--verify_draws=3", "--temperatures=10",
+        f"--output_dir={output_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning:" not in result.stderr  # records present, the same purifier weights
+    with open(output_dir / report.REPORT_JSON) as handle:
+        payload = json.load(handle)
+    assert set(payload["clean"]) == {"none", "adv_training", "comdefend",
+                                     "comdefend_adv_training", "comdefend_litert"}
+    worst = {row["defense"]: row for row in payload["worst_case"]}
+    assert set(worst) == set(payload["clean"])
+    assert worst["comdefend_litert"]["verify_draws"] == 3  # the file draws noise
+    litert = {row["threat_model"] for row in payload["rows"]
+              if row["defense"] == "comdefend_litert"}
+    assert {"bpda_eot", "bpda_identity", "gradient_free"} <= litert
+    assert not litert & {"soft_path", "bpda_smooth", "fixed_noise"}
+    metadata = payload["metadata"]
+    assert metadata["adversarial_training"]["comdefend_adv_training"]["gradient"] == (
+        "bpda_smooth(T=10)")
+    assert "BPDA through the float purifier" in metadata["litert_purifier"]
+    with open(output_dir / report.REPORT_MD) as handle:
+        markdown = handle.read()
+    assert "`comdefend_adv_training`: purifier + a classifier adversarially trained" in markdown
+    assert "`comdefend_litert`: the LiteRT purifier" in markdown
