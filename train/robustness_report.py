@@ -102,6 +102,10 @@ flags.DEFINE_integer("ablation_examples", None, "Examples in the ablation (the f
 flags.DEFINE_integer("batch_size", None, "Examples per attack batch (default 500).",
                      lower_bound=1)
 flags.DEFINE_string("output_dir", None, "Where the report files go.")
+flags.DEFINE_string("main_report", None, "An earlier robustness_report.json of this protocol on "
+                    "the same models, dataset and N, without variants: its rows are reused and "
+                    "only the variants (--purified_classifier_dir, --adv_classifier_dir, "
+                    "--adv_purified_classifier_dir) run.")
 flags.DEFINE_integer("seed", 0, "Base seed: every attack run's seed is derived from it and the "
                      "run's identity; also the fixed-noise draws.")
 flags.mark_flag_as_required("output_dir")
@@ -216,6 +220,16 @@ def _defenses(image_shape):
     return protocol
 
 
+def model_metadata(dataset_name: str, purifier, precision_note: str) -> dict:
+    """What this run's numbers were made with (``modes.MAIN_REPORT_MODELS``' keys)."""
+    return {"dataset": dataset_name, "classifier_dir": FLAGS.classifier_dir,
+            "comdefend_dir": FLAGS.comdefend_dir,
+            "second_classifier_dir": FLAGS.second_classifier_dir,
+            "inference_noise_std": (purifier.config.inference_noise_std
+                                    if purifier is not None else None),
+            "purifier_precision": precision_note}
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -291,6 +305,19 @@ def main(argv):
         evaluation = adaptive.Evaluation(models, images, labels, protocol)
     except ValueError as error:
         raise app.UsageError(str(error)) from error
+    main = None
+    if FLAGS.main_report:
+        if not variants:
+            raise app.UsageError("--main_report only adds variants (--purified_classifier_dir, "
+                                 "--adv_classifier_dir, --adv_purified_classifier_dir); none "
+                                 "was given")
+        try:
+            main = modes.reusable_main_report(
+                FLAGS.main_report, protocol, len(images), model_metadata(
+                    image_data.name, purifier, precision_note))
+        except ValueError as error:
+            sys.exit(f"error: {error}")
+        print(f"Reusing the main run of {FLAGS.main_report}; running the variants only")
     with tqdm(unit="step", desc="robustness") as bar:
         def progress(description):
             bar.set_postfix_str(description)
@@ -299,13 +326,8 @@ def main(argv):
             results = evaluation.run(progress)
         else:
             results = modes.run_adaptive_variants(models, variants, images, labels, protocol,
-                                                  progress)
-    metadata = {"dataset": image_data.name, "classifier_dir": FLAGS.classifier_dir,
-                "comdefend_dir": FLAGS.comdefend_dir,
-                "second_classifier_dir": FLAGS.second_classifier_dir,
-                "inference_noise_std": (purifier.config.inference_noise_std
-                                        if purifier is not None else None),
-                "purifier_precision": precision_note,
+                                                  progress, main=main)
+    metadata = dict(model_metadata(image_data.name, purifier, precision_note), **{
                 "baselines": {name: baselines.describe_defense(name, layer)
                               for name, layer in baseline_defenses.items()},
                 "wall_seconds": time.time() - start,
@@ -317,7 +339,10 @@ def main(argv):
                                          if variant.label != modes.TRAIN_TEST},
                 "litert_purifier": (extra[adaptive.LITERT].describe() if extra
                                     else None),
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"})
+    if FLAGS.main_report:
+        # cpu_seconds above are this run's (the variants); the main run's stay in its file.
+        metadata["main_report"] = os.path.abspath(FLAGS.main_report)
     if mismatches:
         metadata["provenance_warnings"] = mismatches
     paths = report.write_robustness_report(results, FLAGS.output_dir, metadata)

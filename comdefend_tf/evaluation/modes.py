@@ -291,16 +291,19 @@ def merge_adaptive(test_time: dict, train_test: dict,
 
 
 def run_adaptive_variants(models: adaptive.Models, variants, images, labels,
-                          protocol: adaptive.Protocol, progress=None) -> dict:
+                          protocol: adaptive.Protocol, progress=None,
+                          main: dict | None = None) -> dict:
     """The adaptive protocol on ``models``, then on each variant's classifier behind its
     ``behind`` defense only, with the same threat models, seeds and second classifier, and
     without the ablation (which studies the attack, not the classifier), merged. A variant
-    behind ComDefend has its classifier alone scored on the clean images (settings only)."""
+    behind ComDefend has its classifier alone scored on the clean images (settings only).
+    ``main``: the main run's results already made (``reusable_main_report``), not rerun."""
     for variant in variants:
         if variant.behind not in protocol.defenses:
             raise ValueError(f"{variant.label} needs the {variant.behind!r} defense")
     say = progress or (lambda description: None)
-    main = adaptive.Evaluation(models, images, labels, protocol).run(progress)
+    if main is None:
+        main = adaptive.Evaluation(models, images, labels, protocol).run(progress)
     runs = []
     for variant in variants:
         second = dataclasses.replace(models, classifier=variant.classifier, baselines={},
@@ -317,6 +320,63 @@ def run_adaptive_variants(models: adaptive.Models, variants, images, labels,
                 protocol.batch_size))["mean_acc"]
         runs.append((variant, results, alone))
     return merge_adaptive_variants(main, runs)
+
+
+# What a reused main report must share with this run (its metadata), besides N and protocol.
+MAIN_REPORT_MODELS = ("dataset", "classifier_dir", "comdefend_dir", "second_classifier_dir",
+                      "inference_noise_std", "purifier_precision")
+MAIN_REPORT_MAX_BYTES = 512 * 2**20
+
+
+def reusable_main_report(path: str, protocol: adaptive.Protocol, n: int,
+                         metadata: dict) -> dict:
+    """The results of an earlier ``robustness_report.json`` (this protocol's main run, without
+    variants) so that variants can be added without rerunning it: same N, the same protocol
+    settings (``adaptive.settings_of``), and the same ``MAIN_REPORT_MODELS`` entries as
+    ``metadata`` (directories compared by real path). Its ``metadata`` and CPU figures are left
+    out; the caller records them. The examples are the first N of the held-out split, so N and
+    the dataset fix them.
+
+    Raises:
+      ValueError: the file is unreadable, too large, not such a report, or differs (named).
+    """
+    import json
+    import os
+
+    from comdefend_tf.io import bounded
+
+    try:
+        payload = json.loads(bounded.read_regular_file(path, MAIN_REPORT_MAX_BYTES))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--main_report {path}: not a readable robustness report ({error})")
+    if not isinstance(payload, dict) or not {"rows", "settings", "n", "metadata"} <= set(payload):
+        raise ValueError(f"--main_report {path}: not a robustness_report.json")
+    if "variants" in payload["settings"] or "modes" in payload["settings"]:
+        raise ValueError(f"--main_report {path} already holds variants; give the report of a "
+                         "run without them")
+    if payload["n"] != n:
+        raise ValueError(f"--main_report {path} scored N = {payload['n']} examples, this run "
+                         f"N = {n}")
+    expected = adaptive.settings_of(protocol)
+    differing = sorted(key for key in set(expected) | set(payload["settings"])
+                       if expected.get(key) != payload["settings"].get(key))
+    if differing:
+        raise ValueError(f"--main_report {path} ran another protocol: "
+                         + ", ".join(f"{key} {payload['settings'].get(key)!r} there, "
+                                     f"{expected.get(key)!r} here" for key in differing))
+    same = lambda value: (os.path.realpath(value) if isinstance(value, str)
+                          and os.path.exists(value) else value)
+    for key in MAIN_REPORT_MODELS:
+        if same(payload["metadata"].get(key)) != same(metadata.get(key)):
+            raise ValueError(f"--main_report {path} has {key} {payload['metadata'].get(key)!r}, "
+                             f"this run {metadata.get(key)!r}")
+    results = {key: value for key, value in payload.items()
+               if key not in ("metadata", "cpu_seconds", "cpu_seconds_per_example")}
+    # The JSON's keys are sorted; the defenses' order is the protocol's.
+    order = list(protocol.defenses)
+    results["clean"] = dict(sorted(results["clean"].items(), key=lambda item: (
+        order.index(item[0]) if item[0] in order else len(order))))
+    return results
 
 
 def run_adaptive_modes(models: adaptive.Models, purified_classifier, images, labels,

@@ -214,3 +214,59 @@ def test_one_worst_case_line_per_radius_names_every_defense(adversarial_results)
                             ("comdefend", "ComDefend at test time"),
                             ("comdefend_adv_training", "ComDefend + adversarial training")))
     assert lines[0] == f"Strict worst case, linf eps=0.2 (N = 8): {expected}"
+
+
+MODEL_METADATA = {"dataset": "tiny", "classifier_dir": "c", "comdefend_dir": "p",
+                  "second_classifier_dir": None, "inference_noise_std": 1.0,
+                  "purifier_precision": "float32"}
+
+
+def test_a_reused_main_report_gives_the_merged_report_of_a_full_run(adversarial_results,
+                                                                    tmp_path):
+    full, images, labels = adversarial_results
+    classifier, _ = attack_fixtures.tiny_classifier()
+    purifier, _ = attack_fixtures.tiny_comdefend()
+    main = adaptive.Evaluation(adaptive.Models(classifier, purifier), images, labels,
+                               small_protocol()).run()
+    paths = report.write_robustness_report(main, str(tmp_path / "main"),
+                                           dict(MODEL_METADATA, cpu_seconds=5.0))
+    reused = modes.reusable_main_report(paths["json"], small_protocol(), len(images),
+                                        MODEL_METADATA)
+    variants = [modes.adversarial_variant(other_classifier(), RECORD, False),
+                modes.adversarial_variant(other_classifier(),
+                                          dict(RECORD, behind_purifier=True), True)]
+    merged = modes.run_adaptive_variants(adaptive.Models(classifier, purifier), variants,
+                                         images, labels, small_protocol(), main=reused)
+    strict = lambda results: {(row["defense"], row["norm"], row["eps"]):
+                              row["robust_acc_strict"] for row in results["worst_case"]}
+    # The attacks are seeded per (attack, defense, eps): the same numbers as the full run.
+    assert strict(merged) == strict(full)
+    assert list(merged["clean"]) == list(full["clean"])
+    report.write_robustness_report(merged, str(tmp_path / "merged"),
+                                   dict(MODEL_METADATA, cpu_seconds=1.0))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(n=7), "scored N = 8 examples, this run N = 7"),
+    (dict(protocol=dict(steps=3)), "ran another protocol: steps 2 there, 3 here"),
+    (dict(metadata=dict(comdefend_dir="other")), "has comdefend_dir 'p', this run 'other'"),
+])
+def test_a_main_report_of_other_examples_protocol_or_models_is_refused(adversarial_results,
+                                                                       tmp_path, change,
+                                                                       message):
+    _, images, labels = adversarial_results
+    payload = {"n": 8, "rows": [], "settings": adaptive.settings_of(small_protocol()),
+               "metadata": MODEL_METADATA}
+    path = tmp_path / "robustness_report.json"
+    path.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match=message):
+        modes.reusable_main_report(str(path), small_protocol(**change.get("protocol", {})),
+                                   change.get("n", 8),
+                                   dict(MODEL_METADATA, **change.get("metadata", {})))
+    path.write_text(json.dumps(dict(payload, settings=dict(payload["settings"],
+                                                           variants={}))))
+    with pytest.raises(ValueError, match="already holds variants"):
+        modes.reusable_main_report(str(path), small_protocol(), 8, MODEL_METADATA)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not a readable robustness report"):
+        modes.reusable_main_report(str(path), small_protocol(), 8, MODEL_METADATA)
