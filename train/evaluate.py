@@ -44,7 +44,6 @@ from comdefend_tf.io import datasets as data_lib
 from comdefend_tf.model import load_comdefend
 from comdefend_tf.training import classifier as classifiers
 from comdefend_tf.training import precision
-from comdefend_tf.training import provenance
 
 cli_flags.define_data_flags()
 cli_flags.define_model_dir_flags("classifier_dir", "comdefend_dir", "purified_classifier_dir")
@@ -206,20 +205,11 @@ def main(argv):
             purifier = load_comdefend(FLAGS.comdefend_dir,
                                       inference_noise_std=FLAGS.inference_noise_std,
                                       seed=FLAGS.seed)
-        purified_classifier = (classifiers.load_classifier(FLAGS.purified_classifier_dir)
-                               if FLAGS.purified_classifier_dir else None)
-        mismatches, purified_record = provenance.evaluation_problems(
-            FLAGS.classifier_dir, purifier, FLAGS.comdefend_dir, FLAGS.purified_classifier_dir)
-        variants = ([modes.train_test_variant(purified_classifier, purified_record)]
-                    if purified_classifier is not None else [])
-        for flag, behind in (("adv_classifier_dir", False),
-                             ("adv_purified_classifier_dir", True)):
-            if FLAGS[flag].value:
-                problems, record = modes.adversarial_problems(
-                    FLAGS[flag].value, behind, purifier, FLAGS.comdefend_dir)
-                mismatches += problems
-                variants.append(modes.adversarial_variant(
-                    classifiers.load_classifier(FLAGS[flag].value), record, behind))
+        variants, mismatches = modes.load_variants(
+            FLAGS.classifier_dir, purifier, FLAGS.comdefend_dir,
+            purified_classifier_dir=FLAGS.purified_classifier_dir,
+            adv_classifier_dir=FLAGS.adv_classifier_dir,
+            adv_purified_classifier_dir=FLAGS.adv_purified_classifier_dir)
         litert = None
         if FLAGS.litert_purifier:
             from comdefend_tf.litert.defense import LiteRTPurifierDefense
@@ -305,7 +295,7 @@ def main(argv):
                                          for name, value in result.clean_accuracy.items()))
     print(report.cpu_line(metadata, len(images)))
     written = [paths["markdown"], paths["json"], plot_path, grid_path]
-    if purified_classifier is not None:
+    if FLAGS.purified_classifier_dir:
         written.append(figure4.plot_figure4(
             result.rows, result.clean_accuracy,
             os.path.join(FLAGS.output_dir, figure4.FIGURE4_PLOT),

@@ -33,7 +33,6 @@ from comdefend_tf.io import datasets as data_lib
 from comdefend_tf.model import load_comdefend
 from comdefend_tf.training import classifier as classifiers
 from comdefend_tf.training import precision
-from comdefend_tf.training import provenance
 
 FLAGS = flags.FLAGS
 
@@ -265,20 +264,11 @@ def main(argv):
             name, jpeg_quality=FLAGS.jpeg_quality, bit_depth=FLAGS.bit_depth,
             median_size=FLAGS.median_size)
             for name in protocol.defenses if name in adaptive.BASELINE_DEFENSES}
-        purified_classifier = (classifiers.load_classifier(FLAGS.purified_classifier_dir)
-                               if FLAGS.purified_classifier_dir else None)
-        mismatches, purified_record = provenance.evaluation_problems(
-            FLAGS.classifier_dir, purifier, FLAGS.comdefend_dir, FLAGS.purified_classifier_dir)
-        variants = ([modes.train_test_variant(purified_classifier, purified_record)]
-                    if purified_classifier is not None else [])
-        for flag, behind in (("adv_classifier_dir", False),
-                             ("adv_purified_classifier_dir", True)):
-            if FLAGS[flag].value:
-                problems, record = modes.adversarial_problems(
-                    FLAGS[flag].value, behind, purifier, FLAGS.comdefend_dir)
-                mismatches += problems
-                variants.append(modes.adversarial_variant(
-                    classifiers.load_classifier(FLAGS[flag].value), record, behind))
+        variants, mismatches = modes.load_variants(
+            FLAGS.classifier_dir, purifier, FLAGS.comdefend_dir,
+            purified_classifier_dir=FLAGS.purified_classifier_dir,
+            adv_classifier_dir=FLAGS.adv_classifier_dir,
+            adv_purified_classifier_dir=FLAGS.adv_purified_classifier_dir)
         extra = {}
         if FLAGS.litert_purifier:
             from comdefend_tf.litert.defense import LiteRTPurifierDefense

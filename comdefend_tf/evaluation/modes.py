@@ -88,6 +88,32 @@ def adversarial_variant(classifier, record: dict | None, behind_purifier: bool) 
                    "an adversarially trained classifier, no purifier", record)
 
 
+def load_variants(classifier_dir: str, purifier, comdefend_dir: str | None,
+                  purified_classifier_dir: str | None = None,
+                  adv_classifier_dir: str | None = None,
+                  adv_purified_classifier_dir: str | None = None) -> tuple[list, list[str]]:
+    """The variants the binaries' flags name, loaded, and the provenance problems of the whole
+    evaluation (``provenance.evaluation_problems`` and ``adversarial_problems``), as
+    ``(variants, warnings)``; order: training-and-test time, adversarial training, both.
+
+    Raises:
+      FileNotFoundError, ValueError: a classifier that cannot be loaded.
+    """
+    from comdefend_tf.training import classifier as classifiers
+
+    mismatches, purified_record = provenance.evaluation_problems(
+        classifier_dir, purifier, comdefend_dir, purified_classifier_dir)
+    variants = ([train_test_variant(classifiers.load_classifier(purified_classifier_dir),
+                                    purified_record)] if purified_classifier_dir else [])
+    for path, behind in ((adv_classifier_dir, False), (adv_purified_classifier_dir, True)):
+        if path:
+            problems, record = adversarial_problems(path, behind, purifier, comdefend_dir)
+            mismatches += problems
+            variants.append(adversarial_variant(classifiers.load_classifier(path), record,
+                                                behind))
+    return variants, mismatches
+
+
 def adversarial_problems(classifier_path: str, behind_purifier: bool, purifier=None,
                          purifier_path: str | None = None) -> tuple[list[str], dict | None]:
     """``(messages, record)`` of a classifier passed as adversarially trained: no adversarial
