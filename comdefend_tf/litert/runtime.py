@@ -32,12 +32,46 @@ DEFAULT_MAX_BATCH_SIZE = _DEFAULTS.max_batch_size
 DEFAULT_WINDOWS_PER_CALL = 64
 
 
+# The only ops a file may hold: what export_litert's conversions emit (every variant, noise on
+# or off), and nothing custom. A file naming any other op, a custom op or a Select TF ("Flex")
+# op is refused before an interpreter sees it: with TensorFlow in the process LiteRT would run
+# Flex ops (file reads and writes among them), so the file would choose what code runs.
+ALLOWED_OPS = frozenset({
+    "ADD", "SUB", "MUL", "CAST", "CONCATENATION", "CONV_2D", "DEQUANTIZE", "QUANTIZE", "ELU",
+    "GREATER", "GREATER_EQUAL", "LOGISTIC", "RANDOM_STANDARD_NORMAL", "SHAPE", "STRIDED_SLICE",
+    "PACK", "FILL", "RESHAPE"})
+
+
 class LiteRTInputError(ValueError):
     """Images the LiteRT purifier refuses; the message names the first problem."""
 
 
 class LiteRTModelError(ValueError):
     """A file that is not a usable converted ComDefend purifier."""
+
+
+def check_ops(content: bytes) -> None:
+    """Refuses (``LiteRTModelError``) a file whose operator codes name anything outside
+    ``ALLOWED_OPS``: custom ops, Select TF ops, other builtins. Read with the LiteRT schema's
+    pure-Python flatbuffer reader, before any interpreter parses the file."""
+    schema = optional.require("ai_edge_litert.schema_py_generated", "litert",
+                              "the LiteRT purifier")
+    names = {value: name for name, value in vars(schema.BuiltinOperator).items()
+             if not name.startswith("_")}
+    try:
+        model = schema.Model.GetRootAs(content, 0)
+        codes = [model.OperatorCodes(index) for index in range(model.OperatorCodesLength())]
+        found = {(names.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()), "UNKNOWN"),
+                  code.CustomCode()) for code in codes}
+    except Exception as error:  # a malformed buffer fails anywhere in the reader
+        raise LiteRTModelError(f"not a LiteRT model: its operator table cannot be read "
+                               f"({type(error).__name__})") from None
+    refused = sorted(name if custom is None else
+                     f"custom op {custom[:64].decode('ascii', 'replace')!r}"
+                     for name, custom in found if custom is not None or name not in ALLOWED_OPS)
+    if refused:
+        raise LiteRTModelError("the model holds ops a converted ComDefend purifier never has, "
+                               f"refused before loading: {', '.join(refused)}")
 
 
 def interpreter_class():
@@ -132,6 +166,7 @@ class LiteRTPurifier:
                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
         content = model if isinstance(model, bytes) else read_model(model, max_file_bytes)
         self.model_bytes = content
+        check_ops(content)
         interpreter_type = interpreter_class()
         options = {} if use_xnnpack else {"experimental_op_resolver_type": no_delegate_resolver()}
         try:

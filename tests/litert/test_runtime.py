@@ -84,6 +84,33 @@ def test_bad_files_are_refused_by_name(tmp_path, float_file):
         LiteRTPurifier(str(garbage))
 
 
+def _select_tf_ops_file(tmp_path) -> bytes:
+    """A .tflite that reads a file with a Select TF ("Flex") op: what a hostile model would
+    do if LiteRT ran it in a process that has TensorFlow."""
+    import tensorflow as tf
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the model")
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 4, 4, 1], tf.float32)])
+    def reads_a_file(images):
+        return images + tf.cast(tf.strings.length(tf.io.read_file(str(secret))), tf.float32)
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [reads_a_file.get_concrete_function()], reads_a_file)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
+                                           tf.lite.OpsSet.SELECT_TF_OPS]
+    return converter.convert()
+
+
+def test_a_file_with_ops_a_purifier_never_has_is_refused_before_loading(tmp_path, float_file):
+    with pytest.raises(LiteRTModelError, match="custom op 'FlexReadFile'"):
+        LiteRTPurifier(_select_tf_ops_file(tmp_path))
+    # The same check passes every op the converter emits for a purifier.
+    from comdefend_tf.litert.runtime import check_ops
+    check_ops(float_file)
+
+
 def test_a_batch_equals_image_by_image_and_the_keras_purifier(float_file, purifier):
     images = _images(5, seed=4)
     litert = LiteRTPurifier(float_file)
