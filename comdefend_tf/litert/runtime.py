@@ -42,6 +42,11 @@ ALLOWED_OPS = frozenset({
     "PACK", "FILL", "RESHAPE"})
 
 
+# What the tensors a file declares may hold in all, counted at 8 bytes per element before any
+# interpreter allocates them (the paper-size purifier at a 96x96 input declares about 0.1 GiB).
+MAX_DECLARED_TENSOR_BYTES = 2**30
+
+
 class LiteRTInputError(ValueError):
     """Images the LiteRT purifier refuses; the message names the first problem."""
 
@@ -52,8 +57,9 @@ class LiteRTModelError(ValueError):
 
 def check_ops(content: bytes) -> None:
     """Refuses (``LiteRTModelError``) a file whose operator codes name anything outside
-    ``ALLOWED_OPS``: custom ops, Select TF ops, other builtins. Read with the LiteRT schema's
-    pure-Python flatbuffer reader, before any interpreter parses the file."""
+    ``ALLOWED_OPS`` (custom ops, Select TF ops, other builtins) or whose tensors declare more
+    than ``MAX_DECLARED_TENSOR_BYTES``. Read with the LiteRT schema's pure-Python flatbuffer
+    reader, before any interpreter parses or allocates the file."""
     schema = optional.require("ai_edge_litert.schema_py_generated", "litert",
                               "the LiteRT purifier")
     names = {value: name for name, value in vars(schema.BuiltinOperator).items()
@@ -63,9 +69,21 @@ def check_ops(content: bytes) -> None:
         codes = [model.OperatorCodes(index) for index in range(model.OperatorCodesLength())]
         found = {(names.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()), "UNKNOWN"),
                   code.CustomCode()) for code in codes}
+        declared = 0
+        for graph_index in range(model.SubgraphsLength()):
+            graph = model.Subgraphs(graph_index)
+            for tensor_index in range(graph.TensorsLength()):
+                tensor = graph.Tensors(tensor_index)
+                elements = 1
+                for axis in range(tensor.ShapeLength()):
+                    elements *= max(int(tensor.Shape(axis)), 1)  # Python ints: no wrap
+                declared += 8 * elements
     except Exception as error:  # a malformed buffer fails anywhere in the reader
         raise LiteRTModelError(f"not a LiteRT model: its operator table cannot be read "
                                f"({type(error).__name__})") from None
+    if declared > MAX_DECLARED_TENSOR_BYTES:
+        raise LiteRTModelError(f"the model declares tensors of {declared:,} bytes, over the "
+                               f"{MAX_DECLARED_TENSOR_BYTES:,}-byte limit for a purifier")
     refused = sorted(name if custom is None else
                      f"custom op {custom[:64].decode('ascii', 'replace')!r}"
                      for name, custom in found if custom is not None or name not in ALLOWED_OPS)

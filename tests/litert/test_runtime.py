@@ -107,8 +107,19 @@ def test_a_file_with_ops_a_purifier_never_has_is_refused_before_loading(tmp_path
     with pytest.raises(LiteRTModelError, match="custom op 'FlexReadFile'"):
         LiteRTPurifier(_select_tf_ops_file(tmp_path))
     # The same check passes every op the converter emits for a purifier.
-    from comdefend_tf.litert.runtime import check_ops
-    check_ops(float_file)
+    from comdefend_tf.litert import runtime
+    runtime.check_ops(float_file)
+    # A file declaring huge tensors is refused before anything is allocated.
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 4096, 4096, 16], tf.float32)])
+    def huge(images):
+        return images + 1.0
+
+    content = tf.lite.TFLiteConverter.from_concrete_functions(
+        [huge.get_concrete_function()], huge).convert()
+    with pytest.raises(LiteRTModelError, match="declares tensors of .* bytes, over the"):
+        LiteRTPurifier(content)
 
 
 def test_a_batch_equals_image_by_image_and_the_keras_purifier(float_file, purifier):
