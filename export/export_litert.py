@@ -125,6 +125,7 @@ def _main(argv):
     from comdefend_tf.io.atomic import write_bytes_atomic, write_json_atomic
     from comdefend_tf.io.datasets import DataError
     from comdefend_tf.litert import convert
+    from comdefend_tf.litert import ops as litert_ops
     from comdefend_tf.training import provenance
 
     try:
@@ -138,7 +139,7 @@ def _main(argv):
         representative, calibration = _representative(image_size,
                                                        purifier.config.input_channels)
         model = convert.convert(purifier, FLAGS.variant, image_size, noise_std, representative)
-        report = convert.op_report(model)
+        report = litert_ops.op_report(model)
     except (FileNotFoundError, ValueError, DataError, optional.MissingExtra) as error:
         print(f"error: {error}", file=sys.stderr)
         return exit_codes.COULD_NOT_START

@@ -12,8 +12,8 @@ fresh per call and per interpreter (docs/litert.md says what that seeding does n
 Variants: ``float32``; ``float16`` (weights stored in float16, computed in float32);
 ``dynamic_int8`` (int8 weights, activations quantized on the fly); ``full_int8`` (int8
 weights and activations calibrated on ``representative_images``; inputs and outputs stay
-float32, ops without an int8 kernel (the random draw) stay float islands). ``op_report``
-reads the converted model's interpreter op list: which ops compute in int8 and which in float.
+float32, ops without an int8 kernel (the random draw) stay float islands).
+``litert.ops.op_report`` reads a converted model's op list: which ops compute in int8.
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ OUTPUT_PURIFIED = "purified"
 OUTPUT_CODE_BITS = "code_bits"
 # Tensor dtypes that count as quantized computation in the op report (int16 for 16x8 schemes);
 # uint8 is left out: the only uint8 tensor is the code-bits output (a cast of a bool).
-_INTEGER_DTYPES = (np.int8, np.int16)
-_FLOAT_DTYPES = (np.float32, np.float16)
 
 
 def purify_function(purifier: ComDefend, image_size: Sequence[int],
@@ -120,59 +118,6 @@ def convert(purifier: ComDefend, variant: str, image_size: Sequence[int],
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
                                                tf.lite.OpsSet.TFLITE_BUILTINS]
     return converter.convert()
-
-
-def _classify(operand_types, result_types) -> str:
-    if result_types and all(np.dtype(t).type is np.int32 for t in result_types):
-        return "other"  # shape arithmetic (SHAPE, STRIDED_SLICE, CONCATENATION of sizes)
-    types = [np.dtype(t).type for t in [*operand_types, *result_types]]
-    integer = any(t in _INTEGER_DTYPES for t in types)
-    floating = any(t in _FLOAT_DTYPES for t in types)
-    if integer and floating:
-        return "boundary"
-    return "int8" if integer else "float" if floating else "other"
-
-
-def op_report(model_content: bytes) -> dict:
-    """Which ops of a converted model compute in int8 and which in float.
-
-    Read from an interpreter without delegates (so the model's own ops are listed, not the
-    delegate partitions): for each op its name and the dtypes of its tensors. An op is
-    ``int8`` when its tensors are integer-quantized (int8/int16, int32 biases aside),
-    ``float`` when they are float, ``boundary`` when it mixes both (QUANTIZE, DEQUANTIZE, and in
-    ``dynamic_int8`` the hybrid ops that take int8 weights and float activations), ``other``
-    for integer-only shape arithmetic (SHAPE, a bool comparison and its cast).
-
-    Returns:
-      dict with ``ops`` (list of ``{"op", "class", "inputs", "outputs"}`` in execution order),
-      ``counts`` (class -> number of ops), ``int8_ops`` / ``float_ops`` / ``boundary_ops``
-      (sorted op names per class) and ``bytes`` (the model size).
-    """
-    from comdefend_tf.litert.runtime import interpreter_class, no_delegate_resolver
-
-    interpreter = interpreter_class()(model_content=model_content,
-                                      experimental_op_resolver_type=no_delegate_resolver())
-    interpreter.allocate_tensors()
-    ops = []
-    for details in interpreter._get_ops_details():  # the interpreter's public-in-practice list
-        operands = [np.dtype(t).name for t in details["operand_types"]]
-        results = [np.dtype(t).name for t in details["result_types"]]
-        # int32 operands are biases or shapes: they do not decide the class.
-        kept = [t for t in details["operand_types"] if np.dtype(t).type is not np.int32]
-        ops.append({"op": details["op_name"],
-                    "class": _classify(kept, details["result_types"]),
-                    "inputs": operands, "outputs": results})
-    report = {"ops": ops, "bytes": len(model_content), "counts": {}}
-    for kind in ("int8", "float", "boundary", "other"):
-        names = sorted({op["op"] for op in ops if op["class"] == kind})
-        report[f"{kind}_ops"] = names
-        report["counts"][kind] = sum(op["class"] == kind for op in ops)
-    return report
-
-
-def draws_noise(model_content: bytes) -> bool:
-    """Whether a converted model holds a random-normal op (its purification is randomized)."""
-    return any(op["op"] == "RANDOM_STANDARD_NORMAL" for op in op_report(model_content)["ops"])
 
 
 EXPORT_METADATA_MAX_BYTES = 2**20

@@ -19,9 +19,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from comdefend_tf import optional
 from comdefend_tf.io import bounded
-from comdefend_tf.litert import convert as convert_lib
+from comdefend_tf.litert.ops import (
+    LiteRTModelError,
+    check_ops,
+    interpreter_class,
+    no_delegate_resolver,
+    op_report,
+)
 from comdefend_tf.patches import purify_patchwise
 from comdefend_tf.serving.settings import ExportSettings
 
@@ -32,76 +37,8 @@ DEFAULT_MAX_BATCH_SIZE = _DEFAULTS.max_batch_size
 DEFAULT_WINDOWS_PER_CALL = 64
 
 
-# The only ops a file may hold: what export_litert's conversions emit (every variant, noise on
-# or off), and nothing custom. A file naming any other op, a custom op or a Select TF ("Flex")
-# op is refused before an interpreter sees it: with TensorFlow in the process LiteRT would run
-# Flex ops (file reads and writes among them), so the file would choose what code runs.
-ALLOWED_OPS = frozenset({
-    "ADD", "SUB", "MUL", "CAST", "CONCATENATION", "CONV_2D", "DEQUANTIZE", "QUANTIZE", "ELU",
-    "GREATER", "GREATER_EQUAL", "LOGISTIC", "RANDOM_STANDARD_NORMAL", "SHAPE", "STRIDED_SLICE",
-    "PACK", "FILL", "RESHAPE"})
-
-
-# What the tensors a file declares may hold in all, counted at 8 bytes per element before any
-# interpreter allocates them (the paper-size purifier at a 96x96 input declares about 0.1 GiB).
-MAX_DECLARED_TENSOR_BYTES = 2**30
-
-
 class LiteRTInputError(ValueError):
     """Images the LiteRT purifier refuses; the message names the first problem."""
-
-
-class LiteRTModelError(ValueError):
-    """A file that is not a usable converted ComDefend purifier."""
-
-
-def check_ops(content: bytes) -> None:
-    """Refuses (``LiteRTModelError``) a file whose operator codes name anything outside
-    ``ALLOWED_OPS`` (custom ops, Select TF ops, other builtins) or whose tensors declare more
-    than ``MAX_DECLARED_TENSOR_BYTES``. Read with the LiteRT schema's pure-Python flatbuffer
-    reader, before any interpreter parses or allocates the file."""
-    schema = optional.require("ai_edge_litert.schema_py_generated", "litert",
-                              "the LiteRT purifier")
-    names = {value: name for name, value in vars(schema.BuiltinOperator).items()
-             if not name.startswith("_")}
-    try:
-        model = schema.Model.GetRootAs(content, 0)
-        codes = [model.OperatorCodes(index) for index in range(model.OperatorCodesLength())]
-        found = {(names.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()), "UNKNOWN"),
-                  code.CustomCode()) for code in codes}
-        declared = 0
-        for graph_index in range(model.SubgraphsLength()):
-            graph = model.Subgraphs(graph_index)
-            for tensor_index in range(graph.TensorsLength()):
-                tensor = graph.Tensors(tensor_index)
-                elements = 1
-                for axis in range(tensor.ShapeLength()):
-                    elements *= max(int(tensor.Shape(axis)), 1)  # Python ints: no wrap
-                declared += 8 * elements
-    except Exception as error:  # a malformed buffer fails anywhere in the reader
-        raise LiteRTModelError(f"not a LiteRT model: its operator table cannot be read "
-                               f"({type(error).__name__})") from None
-    if declared > MAX_DECLARED_TENSOR_BYTES:
-        raise LiteRTModelError(f"the model declares tensors of {declared:,} bytes, over the "
-                               f"{MAX_DECLARED_TENSOR_BYTES:,}-byte limit for a purifier")
-    refused = sorted(name if custom is None else
-                     f"custom op {custom[:64].decode('ascii', 'replace')!r}"
-                     for name, custom in found if custom is not None or name not in ALLOWED_OPS)
-    if refused:
-        raise LiteRTModelError("the model holds ops a converted ComDefend purifier never has, "
-                               f"refused before loading: {', '.join(refused)}")
-
-
-def interpreter_class():
-    """``ai_edge_litert.interpreter.Interpreter`` (the ``[litert]`` extra)."""
-    return optional.require("ai_edge_litert.interpreter", "litert",
-                            "the LiteRT purifier").Interpreter
-
-
-def no_delegate_resolver():
-    """The op resolver without default delegates (XNNPACK off): the model's own op list."""
-    return optional.require("ai_edge_litert.interpreter", "litert",
-                            "the LiteRT purifier").OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
 
 
 def check_images(images, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -191,7 +128,7 @@ class LiteRTPurifier:
             self._interpreter = interpreter_type(model_content=content, num_threads=num_threads,
                                                  **options)
             self._interpreter.allocate_tensors()
-            report = convert_lib.op_report(content)
+            report = op_report(content)
         except (ValueError, RuntimeError) as error:
             raise LiteRTModelError(f"not a LiteRT model: {error}") from None
         inputs = self._interpreter.get_input_details()

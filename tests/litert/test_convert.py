@@ -8,6 +8,7 @@ pytest.importorskip("ai_edge_litert", reason="the [litert] extra runs converted 
 
 from comdefend_tf import ComDefend, get_config, load_comdefend  # noqa: E402
 from comdefend_tf.litert import convert  # noqa: E402
+from comdefend_tf.litert import ops as litert_ops  # noqa: E402
 from comdefend_tf.litert.runtime import LiteRTPurifier  # noqa: E402
 from tests.fixtures.purifiers import save_spread_tiny_purifier  # noqa: E402
 
@@ -80,7 +81,7 @@ def test_smaller_variants_are_smaller(small_converted):
 
 def test_full_int8_report_lists_int8_ops_and_the_elu_float_islands(purifier, calibration):
     noisy = purifier.with_inference(noise_std=1.0)
-    report = convert.op_report(convert.convert(noisy, "full_int8", SIZE, 1.0, calibration))
+    report = litert_ops.op_report(convert.convert(noisy, "full_int8", SIZE, 1.0, calibration))
     assert "CONV_2D" in report["int8_ops"] and "LOGISTIC" in report["int8_ops"]
     # The converter has no int8 ELU: each ELU is a float island between DEQUANTIZE/QUANTIZE.
     assert "ELU" in report["float_ops"] and "ELU" not in report["int8_ops"]
@@ -95,21 +96,21 @@ def test_full_int8_report_lists_int8_ops_and_the_elu_float_islands(purifier, cal
 
 def test_float_and_hybrid_reports(small_converted):
     converted = small_converted
-    float32 = convert.op_report(converted["float32"])
+    float32 = litert_ops.op_report(converted["float32"])
     assert float32["int8_ops"] == [] and float32["boundary_ops"] == []
     assert {"CONV_2D", "ELU", "LOGISTIC"} <= set(float32["float_ops"])
-    dynamic = convert.op_report(converted["dynamic_int8"])
+    dynamic = litert_ops.op_report(converted["dynamic_int8"])
     assert "CONV_2D" in dynamic["boundary_ops"]  # int8 weights, float activations
-    assert "DEQUANTIZE" in convert.op_report(converted["float16"])["float_ops"]
+    assert "DEQUANTIZE" in litert_ops.op_report(converted["float16"])["float_ops"]
 
 
 def test_noise_is_a_builtin_op_with_no_select_tf_ops(purifier):
-    report = convert.op_report(convert.convert(purifier, "float32", SIZE, 1.0))
+    report = litert_ops.op_report(convert.convert(purifier, "float32", SIZE, 1.0))
     names = {op["op"] for op in report["ops"]}
     assert "RANDOM_STANDARD_NORMAL" in names
     assert not any(name.startswith("Flex") or name == "CUSTOM" for name in names)
-    assert convert.draws_noise(convert.convert(purifier, "float32", SIZE, 1.0))
-    assert not convert.draws_noise(convert.convert(purifier, "float32", SIZE, 0.0))
+    assert litert_ops.draws_noise(convert.convert(purifier, "float32", SIZE, 1.0))
+    assert not litert_ops.draws_noise(convert.convert(purifier, "float32", SIZE, 0.0))
 
 
 @pytest.mark.parametrize("kwargs, message", [
