@@ -39,9 +39,10 @@ flags.DEFINE_enum("variant", "float32", list(VARIANTS), "float32; float16 (weigh
                   "float16, half the size); dynamic_int8 (int8 weights, a quarter of the size); "
                   "full_int8 (int8 weights and activations, calibrated on "
                   "--representative_data; ops without int8 kernels stay float).")
-flags.DEFINE_list("image_size", None, "HEIGHT,WIDTH of the file's input (fixed per file; "
-                  "channels come from the model). The runtime purifies smaller images whole "
-                  "and larger ones in exact overlapping tiles of this size.")
+shared_flags.define_image_size_flag("HEIGHT,WIDTH of the file's input (fixed per file; "
+                                    "channels come from the model). The runtime purifies "
+                                    "smaller images whole and larger ones in exact overlapping "
+                                    "tiles of this size.")
 flags.DEFINE_string("representative_data", None, "Calibration images for full_int8: "
                     "folder:PATH, tfrecord:GLOB or an embedded set such as mnist5k; resized to "
                     "--image_size and converted to the model's channels.")
@@ -56,14 +57,7 @@ flags.mark_flags_as_required(["output", "image_size"])
 
 
 def _image_size() -> tuple[int, int]:
-    try:
-        height, width = (int(side) for side in FLAGS.image_size)
-    except ValueError:
-        raise ValueError(f"--image_size must be HEIGHT,WIDTH (two integers), got "
-                         f"{','.join(FLAGS.image_size)!r}") from None
-    if min(height, width) < 1:
-        raise ValueError(f"--image_size must be positive, got {height},{width}")
-    return height, width
+    return shared_flags.parse_image_size(FLAGS.image_size)
 
 
 def _load_purifier():

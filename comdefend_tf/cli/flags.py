@@ -56,6 +56,34 @@ PRECISION_HELP = (
     "quality check passes; float32 otherwise.")
 
 
+IMAGE_SIZE_HELP = "Resize every image to HEIGHT,WIDTH pixels (default: the images' own size)."
+
+
+def define_image_size_flag(help_text: str = IMAGE_SIZE_HELP, *,
+                           flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines --image_size (HEIGHT,WIDTH; ``parse_image_size`` reads it)."""
+    flags.DEFINE_list("image_size", None, help_text, flag_values=flag_values)
+
+
+def parse_image_size(values) -> tuple[int, int] | None:
+    """``(height, width)`` from --image_size's list, None when unset.
+
+    Raises:
+      ValueError: not two positive integers (the message names the flag).
+    """
+    if not values:
+        return None
+    try:
+        height, width = (int(value) for value in values)
+    except ValueError:
+        raise ValueError(f"--image_size must be HEIGHT,WIDTH integers, got "
+                         f"{','.join(values)!r}") from None
+    if min(height, width) < 1:
+        raise ValueError(f"--image_size must be HEIGHT,WIDTH positive integers, got "
+                         f"{height},{width}")
+    return height, width
+
+
 def define_data_flags(default_dataset: str = "mnist5k", *,
                       flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines --dataset, --image_size, --color_mode, --data_dir and --manual_dir."""
@@ -65,9 +93,7 @@ def define_data_flags(default_dataset: str = "mnist5k", *,
         "download; they and the tensorflow-datasets names need the [data] extra (pip install "
         "'comdefend-tf[data]'). folder:PATH reads PATH/<class>/<image>.png|jpg.",
         flag_values=flag_values)
-    flags.DEFINE_list("image_size", None,
-                      "Resize every image to HEIGHT,WIDTH pixels (default: the images' own size).",
-                      flag_values=flag_values)
+    define_image_size_flag(flag_values=flag_values)
     flags.DEFINE_enum("color_mode", None, sorted(data_lib.COLOR_MODES),
                       "Convert images to this many channels (default: the source's own).",
                       flag_values=flag_values)
@@ -87,13 +113,10 @@ def load_data_from_flags(split_seed: int = 0, *,
       datasets.DataError: bad data.
       SystemExit: status 1 and one line naming the pip extra, when the source needs one.
     """
-    image_size = None
-    if flag_values.image_size:
-        try:
-            image_size = tuple(int(size) for size in flag_values.image_size)
-        except ValueError as error:
-            raise flags.ValidationError(f"--image_size must be HEIGHT,WIDTH integers, got "
-                                        f"{flag_values.image_size}") from error
+    try:
+        image_size = parse_image_size(flag_values.image_size)
+    except ValueError as error:
+        raise flags.ValidationError(str(error)) from error
     try:
         return data_lib.load_dataset(flag_values.dataset, image_size=image_size,
                                      color_mode=flag_values.color_mode, split_seed=split_seed,
