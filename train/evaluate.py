@@ -38,8 +38,16 @@ from absl import app, flags
 
 from comdefend_tf import attacks as attacks_lib
 from comdefend_tf.cli import flags as cli_flags
-from comdefend_tf.evaluation import adaptive, baselines
-from comdefend_tf.evaluation import cpu_time, figure4, modes, paper, report, threat_models
+from comdefend_tf.evaluation import (
+    adaptive,
+    baselines,
+    cpu_time,
+    figure4,
+    modes,
+    paper,
+    report,
+    threat_models,
+)
 from comdefend_tf.io import datasets as data_lib
 from comdefend_tf.model import load_comdefend
 from comdefend_tf.training import classifier as classifiers
@@ -118,16 +126,6 @@ def _check_eps(values):
     return True
 
 
-@flags.validator("classifier_dir")
-def _check_classifier(path):
-    if path is None:
-        return True
-    keras_path = (os.path.join(path, classifiers.KERAS_FILENAME) if os.path.isdir(path)
-                  else path)
-    if not os.path.isfile(keras_path):
-        raise flags.ValidationError(f"--classifier_dir: no classifier at {keras_path} (train "
-                                    "one with python -m train.train_classifier)")
-    return True
 
 
 @flags.multi_flags_validator(["defenses", "purified_classifier_dir",
@@ -140,7 +138,8 @@ def _check_purified_classifier(values):
     return True
 
 
-def _check_variant_classifier(flag):
+def _check_classifier_file(flag, how):
+    """Registers a validator: --flag names a classifier directory or .keras file."""
     def check(path):
         if path is None:
             return True
@@ -148,14 +147,14 @@ def _check_variant_classifier(flag):
                       else path)
         if not os.path.isfile(keras_path):
             raise flags.ValidationError(f"--{flag}: no classifier at {keras_path} (train one "
-                                        "with python -m train.train_classifier --adversarial="
-                                        "pgd)")
+                                        f"with python -m train.train_classifier{how})")
         return True
     flags.register_validator(flag, check)
 
 
+_check_classifier_file("classifier_dir", "")
 for _name in modes.FLAG_HELP:
-    _check_variant_classifier(_name)
+    _check_classifier_file(_name, " --adversarial=pgd")
 
 
 @flags.multi_flags_validator(["litert_purifier", "comdefend_dir", "defenses"])
