@@ -6,23 +6,12 @@ import pytest
 
 pytest.importorskip("ai_edge_litert", reason="the [litert] extra runs converted purifiers")
 
-from comdefend_tf import ComDefend, get_config, load_comdefend  # noqa: E402
+from comdefend_tf import ComDefend, get_config  # noqa: E402
 from comdefend_tf.litert import convert  # noqa: E402
 from comdefend_tf.litert import ops as litert_ops  # noqa: E402
 from comdefend_tf.litert.runtime import LiteRTPurifier  # noqa: E402
-from tests.fixtures.purifiers import save_spread_tiny_purifier  # noqa: E402
 
 SIZE = (16, 16)
-
-
-@pytest.fixture(scope="module")
-def purifier(tmp_path_factory):
-    return load_comdefend(save_spread_tiny_purifier(tmp_path_factory.mktemp("tiny")))
-
-
-@pytest.fixture(scope="module")
-def calibration():
-    return np.random.default_rng(1).random((16, *SIZE, 1), dtype=np.float32)
 
 
 @pytest.fixture(scope="module")

@@ -7,24 +7,16 @@ import tensorflow as tf
 
 pytest.importorskip("ai_edge_litert", reason="the [litert] extra runs converted purifiers")
 
-from comdefend_tf import load_comdefend  # noqa: E402
 from comdefend_tf.evaluation.baselines import is_randomized  # noqa: E402
 from comdefend_tf.litert import convert  # noqa: E402
 from comdefend_tf.litert.defense import LiteRTPurifierDefense  # noqa: E402
 from comdefend_tf.litert.runtime import LiteRTInputError, LiteRTPurifier  # noqa: E402
-from tests.fixtures.purifiers import save_spread_tiny_purifier  # noqa: E402
 
 SIZE = (16, 16)
 
 
 @pytest.fixture(scope="module")
-def purifier(tmp_path_factory):
-    return load_comdefend(save_spread_tiny_purifier(tmp_path_factory.mktemp("tiny")))
-
-
-@pytest.fixture(scope="module")
-def int8_defense(purifier):
-    calibration = np.random.default_rng(1).random((16, *SIZE, 1), dtype=np.float32)
+def int8_defense(purifier, calibration):
     litert = LiteRTPurifier(convert.convert(purifier, "full_int8", SIZE, 0.0, calibration))
     return LiteRTPurifierDefense(litert, purifier)
 

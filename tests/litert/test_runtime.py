@@ -10,20 +10,13 @@ import pytest
 
 pytest.importorskip("ai_edge_litert", reason="the [litert] extra runs converted purifiers")
 
-from comdefend_tf import load_comdefend  # noqa: E402
 from comdefend_tf.litert import convert  # noqa: E402
 from comdefend_tf.litert.runtime import (LiteRTInputError, LiteRTModelError,  # noqa: E402
                                          LiteRTPurifier)
 from comdefend_tf.patches import purify_patchwise, receptive_field_radius  # noqa: E402
 from tests.conftest import REPO_ROOT, subprocess_env  # noqa: E402
-from tests.fixtures.purifiers import save_spread_tiny_purifier  # noqa: E402
 
 SIZE = (16, 16)
-
-
-@pytest.fixture(scope="module")
-def purifier(tmp_path_factory):
-    return load_comdefend(save_spread_tiny_purifier(tmp_path_factory.mktemp("tiny")))
 
 
 @pytest.fixture(scope="module")
