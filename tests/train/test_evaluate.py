@@ -3,7 +3,6 @@ digit PNGs in class folders; bad flags fail with clear messages."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -11,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.fixtures import attack_models as attack_fixtures
 from tests.conftest import REPO_ROOT, subprocess_env
+from tests.fixtures import attack_models as attack_fixtures
 
 NUM_FOLDER_IMAGES = 400
 COLUMNS = ["attack", "eps", "steps", "threat model", "defense", "clean accuracy",
@@ -165,25 +164,15 @@ def test_both_defense_modes_side_by_side_with_figure4(folder_setup):
         assert handle.read().count("used without a purifier") == 1
 
 
-def _adversarial_copy(classifier_dir, folder, record):
-    """A copy of the classifier whose metrics.json carries an adversarial-training record
-    (the evaluation only reads the record; the weights need not be adversarially trained)."""
-    shutil.copytree(classifier_dir, folder)
-    metrics_path = folder / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    metrics["adversarial_training"] = record
-    metrics_path.write_text(json.dumps(metrics))
-    return folder
-
-
 def test_adversarially_trained_classifiers_alone_and_behind_comdefend(folder_setup):
     folder, classifier_dir, comdefend_dir, root, _ = folder_setup
     record = {"method": "fgsm_rs", "norm": "linf", "eps": 0.1, "steps": 1, "step_size": 0.125,
               "eps_warmup_epochs": 0, "eot": 1, "gradient": None, "behind_purifier": False,
               "purifier_fingerprint": None}
-    alone = _adversarial_copy(classifier_dir, root / "adv", record)
-    behind = _adversarial_copy(classifier_dir, root / "adv_purified", dict(
-        record, behind_purifier=True, purifier_fingerprint="sha256:" + "0" * 64))
+    alone = attack_fixtures.copy_with_adversarial_record(classifier_dir, root / "adv", record)
+    behind = attack_fixtures.copy_with_adversarial_record(
+        classifier_dir, root / "adv_purified",
+        dict(record, behind_purifier=True, purifier_fingerprint="sha256:" + "0" * 64))
     output_dir = root / "adversarial"
     result = _run("train.evaluate", f"--dataset=folder:{folder}",
                   f"--classifier_dir={classifier_dir}", f"--comdefend_dir={comdefend_dir}",

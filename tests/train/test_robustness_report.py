@@ -4,7 +4,6 @@ binaries."""
 import ast
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -12,8 +11,8 @@ import numpy as np
 import pytest
 
 from comdefend_tf.evaluation import adaptive, report
-from tests.fixtures import attack_models as attack_fixtures
 from tests.conftest import REPO_ROOT, subprocess_env
+from tests.fixtures import attack_models as attack_fixtures
 
 BINARIES = ("train/evaluate.py", "train/robustness_report.py")
 
@@ -218,16 +217,6 @@ def test_binaries_only_parse_flags_and_call_the_library(path):
     assert not [text for text in strings if "|---" in text or text.startswith("| ")]
 
 
-def _adversarial_copy(classifier_dir, folder, record):
-    """A copy of the classifier whose metrics.json carries an adversarial-training record."""
-    shutil.copytree(classifier_dir, folder)
-    metrics_path = folder / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    metrics["adversarial_training"] = record
-    metrics_path.write_text(json.dumps(metrics))
-    return folder
-
-
 def test_adversarial_training_and_a_litert_purifier_in_one_report(tmp_path):
     pytest.importorskip("ai_edge_litert", reason="the [litert] extra runs .tflite purifiers")
     from comdefend_tf.litert import convert
@@ -240,10 +229,11 @@ def test_adversarial_training_and_a_litert_purifier_in_one_report(tmp_path):
     record = {"method": "pgd", "norm": "linf", "eps": 0.3, "steps": 5, "step_size": 0.1,
               "eps_warmup_epochs": 1, "eot": 1, "gradient": None, "behind_purifier": False,
               "purifier_fingerprint": None}
-    alone = _adversarial_copy(classifier_dir, tmp_path / "adv", record)
-    behind = _adversarial_copy(classifier_dir, tmp_path / "adv_purified", dict(
-        record, behind_purifier=True, gradient="bpda_smooth(T=10)",
-        purifier_fingerprint=provenance.weights_fingerprint(purifier)))
+    alone = attack_fixtures.copy_with_adversarial_record(classifier_dir, tmp_path / "adv", record)
+    behind = attack_fixtures.copy_with_adversarial_record(
+        classifier_dir, tmp_path / "adv_purified",
+        dict(record, behind_purifier=True, gradient="bpda_smooth(T=10)",
+             purifier_fingerprint=provenance.weights_fingerprint(purifier)))
     output_dir = tmp_path / "report"
     result = run_report(
         "--dataset=digits", f"--classifier_dir={classifier_dir}",
