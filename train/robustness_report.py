@@ -68,9 +68,19 @@ flags.DEFINE_integer("restarts", None, "APGD random restarts (later ones only on
 flags.DEFINE_integer("square_queries", None, "Square query budget per example (default 5000, "
                      "AutoAttack's).", lower_bound=1)
 flags.DEFINE_integer("square_eot", None, "Draws each Square candidate is scored over on a "
-                     "randomized ComDefend (default: --eot_samples).", lower_bound=1)
+                     "randomized ComDefend (default 1, the published attack: a point wrong on "
+                     "its draw must stay wrong on --verify_draws more before its example "
+                     "leaves the search).", lower_bound=1)
 flags.DEFINE_integer("target_classes", None, "APGD-T target classes, the top wrong ones "
                      "(default 9, AutoAttack's).", lower_bound=1)
+flags.DEFINE_list("targeted_threat_models", None, "Threat models APGD-T runs under (default: "
+                  f"{', '.join(adaptive.TARGETED_DEFAULT)} and bpda_smooth at the lowest "
+                  "temperature, written bpda_smooth(T=5); 'all' for every one). APGD-CE and "
+                  "APGD-DLR run under every threat model.")
+flags.DEFINE_enum("search_precision", "auto", ["auto", *adaptive.SEARCH_PRECISIONS],
+                  "Precision of the ComDefend copy the attacks query and differentiate; every "
+                  "verdict is the deployed purifier's (--precision) over --verify_draws draws. "
+                  "auto: bfloat16 where the CPU or GPU computes it natively, else float32.")
 flags.DEFINE_list("threat_models", None, f"Comma list from "
                   f"{', '.join(threat_models.ADAPTIVE_PROTOCOL)} (default: all; transfer only "
                   "with --second_classifier_dir).")
@@ -127,6 +137,13 @@ def _names(values):
     return None if values is None else [v.strip() for v in values if v.strip()]
 
 
+def search_precision() -> str:
+    """``--search_precision`` with auto resolved (``precision.bf16_hardware_support``)."""
+    if FLAGS.search_precision != "auto":
+        return FLAGS.search_precision
+    return "bfloat16" if precision.bf16_hardware_support()[0] else "float32"
+
+
 def build_protocol(image_shape):
     """The ``adaptive.Protocol`` the flags describe (library defaults where a flag is unset);
     raises ``app.UsageError`` on bad flags."""
@@ -152,6 +169,8 @@ def build_protocol(image_shape):
                "losses": _names(FLAGS.losses), "ablation_examples": FLAGS.ablation_examples,
                "batch_size": FLAGS.batch_size, "verify_draws": FLAGS.verify_draws,
                "draws_per_call": FLAGS.draws_per_call,
+               "targeted_threat_models": _names(FLAGS.targeted_threat_models),
+               "search_precision": search_precision(),
                "temperatures": (_numbers(FLAGS.temperatures, "temperatures")
                                 if FLAGS.temperatures is not None else None)}
     try:

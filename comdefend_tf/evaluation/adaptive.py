@@ -67,6 +67,11 @@ WORST_CASE = "worst_case"
 # Convergence verdict: the last rung of a ladder changed fewer than this share of the examples.
 PLATEAU_SHARE = 0.01
 FIXED_NOISE_SAME_DRAW = "fixed_noise_same_draw"
+# APGD-T (9 targets, the costliest attack) runs under these threat models by default, and under
+# bpda_smooth at the lowest temperature: where it broke examples at N = 200 (docs/robustness.md,
+# "Cost"); CE and DLR run under every threat model.
+TARGETED_DEFAULT = ("white_box", "oblivious", "transfer", "bpda_eot")
+SEARCH_PRECISIONS = ("float32", "bfloat16")
 
 
 def default_eps(image_shape) -> dict:
@@ -87,7 +92,14 @@ class Protocol:
     ``eps`` maps a norm (``linf``/``l2``) to its radii; ``sanity_eps`` are extra L-inf radii
     run with APGD-CE only; ``eot_samples`` is K for attacks and scoring of a randomized
     defense; ``square_eot`` the draws Square scores each candidate over on a randomized
-    defense (None: ``eot_samples``); ``target_classes`` APGD-T's targets; the ablation runs
+    defense (1: the published attack; a point wrong on its draw must stay wrong on
+    ``verify_draws`` more before the example leaves the search); ``target_classes`` APGD-T's
+    targets; ``targeted_threat_models`` the threat models APGD-T runs under (None: the
+    default ``TARGETED_DEFAULT`` plus ``bpda_smooth`` at the lowest temperature; ``("all",)``:
+    every one; a ``bpda_smooth`` entry may name its temperature, ``bpda_smooth(T=5)``);
+    ``search_precision`` the precision of the ComDefend copy the attacks query and
+    differentiate (``bfloat16``: a bfloat16 copy of a float32 purifier; every verdict is
+    still the deployed purifier's, over ``verify_draws`` draws); the ablation runs
     ComDefend ``bpda_eot`` APGD-CE at ``headline_eps`` on the first ``ablation_examples``.
     ``verify_draws``: fresh draws each returned point and candidate is verified with on a
     randomized ComDefend (and the clean images scored with); ``temperatures``: the
@@ -102,8 +114,10 @@ class Protocol:
     eot_samples: int = 5
     restarts: int = 1
     square_queries: int = 5000
-    square_eot: int | None = None
+    square_eot: int = 1
     target_classes: int = 9
+    targeted_threat_models: Sequence[str] | None = None
+    search_precision: str = "float32"
     losses: Sequence[str] = LOSSES
     threat_models: Sequence[str] = THREAT_MODELS
     defenses: Sequence[str] = DEFENSES
@@ -146,7 +160,7 @@ class Protocol:
         positive = {"steps": self.steps, "eot_samples": self.eot_samples,
                     "restarts": self.restarts, "square_queries": self.square_queries,
                     "batch_size": self.batch_size, "target_classes": self.target_classes,
-                    "square_eot": self.square_eot or 1, "verify_draws": self.verify_draws,
+                    "square_eot": self.square_eot, "verify_draws": self.verify_draws,
                     "draws_per_call": self.draws_per_call}
         for name, value in positive.items():
             if value < 1:
@@ -158,6 +172,46 @@ class Protocol:
             raise ValueError(f"temperatures must be > 0 (at least one), got "
                              f"{list(self.temperatures)}")
         self.temperatures = [float(t) for t in self.temperatures]
+        if self.search_precision not in SEARCH_PRECISIONS:
+            raise ValueError(f"search precision must be one of {', '.join(SEARCH_PRECISIONS)}, "
+                             f"got {self.search_precision!r}")
+        self.targeted_threat_models = self._targeted(self.targeted_threat_models)
+
+    def _targeted(self, names):
+        """The checked, normalised APGD-T threat models (see the class docstring)."""
+        if names is None:
+            return list(TARGETED_DEFAULT) + [f"bpda_smooth(T={min(self.temperatures):g})"]
+        names = [str(name).strip() for name in names if str(name).strip()]
+        if names == ["all"]:
+            return ["all"]
+        result = []
+        for name in names:
+            base, _, rest = name.partition("(")
+            if base not in threat_models_lib.THREAT_MODELS:
+                raise ValueError(f"targeted threat model {name!r} is not one of "
+                                 f"{', '.join(threat_models_lib.THREAT_MODELS)} (or 'all')")
+            if rest:
+                try:
+                    if base not in threat_models_lib.TEMPERATURE_DEPENDENT:
+                        raise ValueError
+                    temperature = float(rest.removeprefix("T=").removesuffix(")"))
+                    if not (rest.startswith("T=") and rest.endswith(")")):
+                        raise ValueError
+                except ValueError:
+                    raise ValueError(f"targeted threat model {name!r}: only bpda_smooth takes "
+                                     "a temperature, written bpda_smooth(T=5)") from None
+                if temperature not in self.temperatures:
+                    raise ValueError(f"targeted threat model {name!r}: T={temperature:g} is not "
+                                     f"one of the temperatures {self.temperatures}")
+                name = f"{base}(T={temperature:g})"
+            result.append(name)
+        return result
+
+    def targeted(self, label: str) -> bool:
+        """Whether APGD-T runs under the threat model ``label`` (``bpda_smooth(T=5)`` for a
+        temperature variant)."""
+        chosen = self.targeted_threat_models
+        return chosen == ["all"] or label in chosen or label.partition("(")[0] in chosen
 
 
 @dataclasses.dataclass

@@ -5,7 +5,10 @@ norm and eps, the ordered list of ``CascadeAttack``s, each with its attacked cal
 Order (cheap and strong first): the defense-independent images (``white_box`` on ``none``,
 ``oblivious``, ``transfer``: made once on every example, only scored per defense), then every
 other applicable threat model's APGD with each loss (CE, APGD-T, DLR; ``bpda_smooth`` once
-per temperature of ``protocol.temperatures``), then Square (``gradient_free``). ``full=False``
+per temperature of ``protocol.temperatures``; APGD-T only under
+``protocol.targeted_threat_models``), then Square (``gradient_free``). The attacks query
+``search_defense`` (a bfloat16 copy of a float32 ComDefend when the protocol asks for it);
+every verdict is the deployed defense's. ``full=False``
 (the sanity radii) runs APGD-CE ``oblivious``/``bpda_eot`` only. ``run(indices)`` of an
 attack returns a list of candidate sets, each float32 ``[len(indices), H, W, C]`` in [0, 1]:
 the attack's final points and the points a deployed draw misclassified during the search
@@ -26,6 +29,7 @@ from comdefend_tf.attacks import apgd as apgd_lib
 from comdefend_tf.attacks import square as square_lib
 from comdefend_tf.evaluation import baselines, scoring, seeds
 from comdefend_tf.evaluation import threat_models as threat_models_lib
+from comdefend_tf.training import precision
 
 ATTACK_NAMES = {"ce": "apgd-ce", "t": "apgd-t", "dlr": "apgd-dlr"}
 
@@ -84,6 +88,7 @@ class AttackPlan:
         self._shared: dict = {}
         self._attacked_models: dict = {}
         self._fixed_noise = None
+        self._search_purifier = None
 
     def defense(self, name):
         if name == "none":
@@ -93,6 +98,21 @@ class AttackPlan:
         if name in self.models.baselines:
             return self.models.baselines[name]
         return self.models.extra[name]
+
+    def search_defense(self, name):
+        """The defense the attacks query and differentiate: ``defense(name)``, except that a
+        float32 ComDefend becomes a bfloat16 copy when ``protocol.search_precision`` is
+        ``bfloat16`` (made once). Verdicts (``Evaluation.score``) stay the deployed defense's."""
+        defense = self.defense(name)
+        if (name != "comdefend" or self.protocol.search_precision != "bfloat16"
+                or precision.model_precision(defense) != "float32"):
+            return defense
+        if self._search_purifier is None:
+            # Its own noise seed: the search never replays the deployed purifier's draws.
+            self._search_purifier = precision.convert_model(
+                defense, "bfloat16", noise_seed=seeds.attack_seed(
+                    self.protocol.seed, "search", None, "bfloat16", "-", 0.0, "comdefend"))
+        return self._search_purifier
 
     def randomized_defense(self, defense_name: str) -> bool:
         """Whether the defense draws fresh noise per call (``baselines.is_randomized``: a
@@ -129,7 +149,7 @@ class AttackPlan:
         if attacked.index_aware:
             noise = self.fixed_noise()[indices]
             model = threat_models_lib.fixed_noise_fn(self.models.classifier,
-                                                     self.models.purifier, noise)
+                                                     self.search_defense("comdefend"), noise)
         common = dict(eps=eps, norm=norm, steps=steps or protocol.steps, eot_iter=eot,
                       seed=seed, batch_size=protocol.batch_size, judge=attacked.judge,
                       draws_per_call=protocol.draws_per_call)
@@ -163,7 +183,7 @@ class AttackPlan:
         key = (threat_model, defense_name, temperature)
         if key not in self._attacked_models:
             self._attacked_models[key] = threat_models_lib.build(
-                threat_model, self.models.classifier, self.defense(defense_name),
+                threat_model, self.models.classifier, self.search_defense(defense_name),
                 second_classifier=self.models.second_classifier,
                 fixed_noise=self.fixed_noise() if threat_model == "fixed_noise" else None,
                 temperature=temperature)
@@ -199,6 +219,8 @@ class AttackPlan:
         # Defense-independent images first: made once for every defense, only scored here.
         for loss in losses:
             for threat_model in applicable:
+                if loss == "t" and not protocol.targeted(threat_model):
+                    continue
                 if threat_model in ("white_box", "oblivious", "transfer"):
                     source = "oblivious" if threat_model == "white_box" else threat_model
                     attacks.append(CascadeAttack(
@@ -220,6 +242,8 @@ class AttackPlan:
                 eot = 1 if fixed else K
                 name = (threat_model if temperature is None
                         else f"{threat_model}(T={temperature:g})")
+                if loss == "t" and not protocol.targeted(name):
+                    continue
                 seed = seeds.attack_seed(protocol.seed, ATTACK_NAMES[loss], loss, name, norm,
                                          eps, defense_name)
 
@@ -242,7 +266,7 @@ class AttackPlan:
         if full and "gradient_free" in protocol.threat_models:
             attacked = self._attacked("white_box" if undefended else "gradient_free",
                                       defense_name)
-            square_eot = (protocol.square_eot or protocol.eot_samples) if K > 1 else 1
+            square_eot = protocol.square_eot if K > 1 else 1
             seed = seeds.attack_seed(protocol.seed, "square", None, "gradient_free", norm, eps,
                                      defense_name)
             confirm = self.draws(defense_name) if K > 1 else 0

@@ -126,14 +126,16 @@ def build_comdefend(config: ComDefendConfig, precision: str = "float32",
         return ComDefend(config, seed=seed)
 
 
-def convert_model(model: ComDefend, precision: str) -> ComDefend:
+def convert_model(model: ComDefend, precision: str, noise_seed: int | None = None) -> ComDefend:
     """``model`` running in ``precision``: the model itself when it already does, otherwise a
-    new ComDefend of the same config, seed and name holding a copy of its weights."""
+    new ComDefend of the same config and name holding a copy of its weights, its noise seeded
+    by ``noise_seed`` (None: the model's seed)."""
     _check_name(precision, tuple(KERAS_POLICIES))
     if model_precision(model) == precision:
         return model
     with policy_scope(precision):
-        converted = ComDefend(model.config, seed=model.seed, name=model.name)
+        converted = ComDefend(model.config, name=model.name,
+                              seed=model.seed if noise_seed is None else noise_seed)
     converted.set_weights(model.get_weights())
     return converted
 

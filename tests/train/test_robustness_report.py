@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from comdefend_tf.evaluation import adaptive, report
+from comdefend_tf.training import precision
 from tests.conftest import REPO_ROOT, subprocess_env
 from tests.fixtures import attack_models as attack_fixtures
 
@@ -77,8 +78,18 @@ def test_report_rows_have_every_promised_column(report_run):
     assert {r["temperature"] for r in payload["rows"] if r["threat_model"] == "bpda_smooth"} \
         == {10.0}
     attacks = {(row["threat_model"], row["attack"]) for row in payload["rows"]}
-    for threat_model in ("oblivious", "bpda_eot", "bpda_identity", "transfer"):
-        assert {(threat_model, a) for a in ("apgd-ce", "apgd-t", "apgd-dlr")} <= attacks
+    for threat_model in ("oblivious", "bpda_eot", "bpda_identity", "transfer", "soft_path",
+                         "bpda_smooth", "fixed_noise"):
+        assert {(threat_model, a) for a in ("apgd-ce", "apgd-dlr")} <= attacks
+    # APGD-T by default only under the strongest threat models (the lowest temperature's
+    # bpda_smooth is T = 10 here, the only one).
+    assert {t for t, a in attacks if a == "apgd-t"} == {"white_box", "oblivious", "transfer",
+                                                         "bpda_eot", "bpda_smooth"}
+    # --search_precision=auto: bfloat16 only where the hardware computes it natively.
+    assert payload["settings"]["search_precision"] == (
+        "bfloat16" if precision.bf16_hardware_support()[0] else "float32")
+    assert payload["settings"]["targeted_threat_models"] == [
+        "white_box", "oblivious", "transfer", "bpda_eot", "bpda_smooth(T=10)"]
     # Square and transfer run on every defense, baselines included.
     for kind in ("gradient_free", "transfer"):
         assert {r["defense"] for r in payload["rows"] if r["threat_model"] == kind} == set(
