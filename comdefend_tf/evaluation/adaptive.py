@@ -7,7 +7,7 @@ rows, worst cases, masking, ablation, clean accuracy and gradient checks (``resu
 labels int ``[N]``; bad settings and missing models raise ValueError before any attack runs.
 
 What runs, per norm and eps, on the same N examples, and in which order: ``cascade``. Every
-attack returns its final points and its candidates (points a deployed draw misclassified
+attack returns its final points and its candidates (points a searched draw misclassified
 during the search); each set passes ``checks.check_adversarial`` and is verified with
 ``verify_draws`` fresh draws on a randomized defense (ComDefend with noise, a LiteRT
 purifier that draws noise; 1 on a deterministic defense); per

@@ -11,7 +11,7 @@ per temperature of ``protocol.temperatures``; APGD-T only under
 every verdict is the deployed defense's. ``full=False``
 (the sanity radii) runs APGD-CE ``oblivious``/``bpda_eot`` only. ``run(indices)`` of an
 attack returns a list of candidate sets, each float32 ``[len(indices), H, W, C]`` in [0, 1]:
-the attack's final points and the points a deployed draw misclassified during the search
+the attack's final points and the points a searched draw misclassified (``search_defense``)
 (``attack_points``); the evaluation verifies every one. Every APGD run's gradient check
 (including the share of the code its surrogate passes gradient through) is recorded in
 ``gradient_checks``.
@@ -63,7 +63,7 @@ def adversarial_images(result) -> np.ndarray:
 
 def attack_points(result) -> list:
     """Every point set of an ``APGDResult`` or ``SquareResult`` to verify: the final points,
-    then the candidates (points a deployed draw misclassified) where there are any."""
+    then the candidates (points a searched draw misclassified) where there are any."""
     points = [adversarial_images(result)]
     failures = getattr(result, "candidate_failures", None)
     if failures is not None and np.any(failures > 0):

@@ -282,9 +282,12 @@ def format_robustness_markdown(results: dict, metadata: dict) -> str:
         f"{metadata.get('inference_noise_std')}); verification draws per point: "
         f"{settings['verify_draws'] if results['randomized'] else 1}. Accuracies in %. EOT: "
         "the APGD loss gradient is averaged over K noise draws per step (AutoAttack's form); "
-        "Square scores each candidate over its draws. No success is thrown away: every point "
-        "a deployed draw misclassified during an attack is a candidate, verified with the "
-        "final points on fresh draws; per example the point wrong in the most draws counts, "
+        f"Square scores each candidate over {settings.get('square_eot', 1)} draw(s). APGD-T "
+        f"runs under {', '.join(settings.get('targeted_threat_models') or ['all'])}. The "
+        f"attacks search on a {settings.get('search_precision', 'float32')} ComDefend; every "
+        "verdict is the deployed purifier's. No success is thrown away: every point a draw of "
+        "the searched pipeline misclassified during an attack is a candidate, verified with "
+        "the final points on fresh draws of the deployed one; per example the point wrong in the most draws counts, "
         "and the example is broken when its failure rate is significantly above 0 "
         "(one-sided 95% Wilson lower bound > 0, i.e. any wrong draw).")
     lines += modes.markdown_lines(settings)

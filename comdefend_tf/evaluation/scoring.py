@@ -13,7 +13,7 @@ which gives a correctness matrix bool ``[K, N]``. From it:
   headline: per example strict <= majority, and both come with 95% Wilson intervals.
 
 **Verification.** An attack returns several points per example (its final point and the
-candidates a deployed draw misclassified during the search); each is classified in V fresh
+candidates a searched draw misclassified); each is classified in V fresh deployed
 draws and the example keeps the point wrong in the most (``strongest_point``). Its failure
 rate is ``failures / V``; it counts as broken when that rate is significantly above zero: the
 one-sided 95% Wilson lower bound is above 0 (``significantly_failing``), which holds exactly
