@@ -53,8 +53,8 @@ flags.DEFINE_list("norm", ["linf", "l2"], "Norms to run: linf and/or l2.")
 flags.DEFINE_list("eps", None, "L-inf radii in (0, 1] (default: 0.1,0.2,0.3 for grayscale "
                   "digits, 2/255,8/255,16/255 for RGB).")
 flags.DEFINE_list("l2_eps", None, "L2 radii (default: 2.0 for grayscale digits, 0.5 for RGB).")
-flags.DEFINE_float("headline_eps", None, "The L-inf radius of the ablation and the headline "
-                   "(default: 0.3 digits, 8/255 RGB).")
+flags.DEFINE_float("headline_eps", None, "The headline L-inf radius (figures, best baseline, the "
+                   "convergence ladders' fallback; default: 0.3 digits, 8/255 RGB).")
 flags.DEFINE_list("sanity_eps", None, "Extra, larger L-inf radii run with APGD-CE only, where "
                   "accuracy should reach about 0 (default: 0.4,0.5 digits; 32/255,64/255 RGB). "
                   "Pass an empty string for none.")
@@ -106,6 +106,9 @@ flags.DEFINE_integer("draws_per_call", None, "APGD's EOT draws stacked into one 
 flags.DEFINE_list("temperatures", None, "Temperatures T of the smoothed-binarizer threat model "
                   "(hard bits forward, sigmoid(logits / T) backward), one run each "
                   "(default 5,10,20).")
+flags.DEFINE_float("ablation_eps", None, "L-inf radius of the convergence ladders (default: the "
+                   "largest --eps at which at least 10% of the examples withstood ComDefend's "
+                   "whole cascade, else the headline eps).")
 flags.DEFINE_integer("ablation_examples", None, "Examples in the ablation (the first ones; "
                      "default 50).", lower_bound=1)
 flags.DEFINE_integer("batch_size", None, "Examples per attack batch (default 500).",
@@ -163,7 +166,7 @@ def build_protocol(image_shape):
         name for name in adaptive.THREAT_MODELS
         if name != "transfer" or FLAGS.second_classifier_dir]
     defenses = _names(FLAGS.defenses) or list(adaptive.DEFENSES)
-    options = {"steps": FLAGS.steps, "eot_samples": FLAGS.eot_samples,
+    options = {"ablation_eps": FLAGS.ablation_eps, "steps": FLAGS.steps, "eot_samples": FLAGS.eot_samples,
                "restarts": FLAGS.restarts, "square_queries": FLAGS.square_queries,
                "square_eot": FLAGS.square_eot, "target_classes": FLAGS.target_classes,
                "losses": _names(FLAGS.losses), "ablation_examples": FLAGS.ablation_examples,

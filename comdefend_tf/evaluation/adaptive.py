@@ -24,7 +24,7 @@ Worst case per defense and eps: **strict** (the headline: right on the clean ima
 draw of every attack) and **majority**, both with Wilson intervals. Masking check: examples
 Square breaks although every gradient attack on the deployed pipeline
 (``threat_models.PIPELINE_GRADIENT``) ran on them and missed. Convergence (``ablation``):
-ComDefend ``bpda_eot`` APGD-CE at ``headline_eps`` on the first ``ablation_examples``
+ComDefend ``bpda_eot`` APGD-CE at ``ablation_radius()`` on the first ``ablation_examples``
 examples, one ladder each over ``ablation_steps``, ``ablation_eot`` and ``ablation_restarts``
 (the others at the protocol's values), verified like the cascade; a ladder has plateaued
 when its last rung changed the verdict of fewer than ``PLATEAU_SHARE`` of the examples.
@@ -66,6 +66,10 @@ ROW_COLUMNS = ("threat_model", "attack", "norm", "eps", "steps", "eot", "restart
 WORST_CASE = "worst_case"
 # Convergence verdict: the last rung of a ladder changed fewer than this share of the examples.
 PLATEAU_SHARE = 0.01
+# The convergence ladders run, unless told where, at the largest L-inf radius at which at least
+# this share of the examples withstood ComDefend's whole cascade (a ladder where the first rung
+# already breaks everything shows nothing), else at the headline radius.
+ABLATION_MIN_ROBUST = 0.10
 FIXED_NOISE_SAME_DRAW = "fixed_noise_same_draw"
 # APGD-T (9 targets, the costliest attack) runs under these threat models by default, and under
 # bpda_smooth at the lowest temperature: where it broke examples at N = 200 (docs/robustness.md,
@@ -100,7 +104,8 @@ class Protocol:
     ``search_precision`` the precision of the ComDefend copy the attacks query and
     differentiate (``bfloat16``: a bfloat16 copy of a float32 purifier; every verdict is
     still the deployed purifier's, over ``verify_draws`` draws); the ablation runs
-    ComDefend ``bpda_eot`` APGD-CE at ``headline_eps`` on the first ``ablation_examples``.
+    ComDefend ``bpda_eot`` APGD-CE at ``ablation_eps`` (None: ``Evaluation.ablation_radius``
+    picks it) on the first ``ablation_examples``.
     ``verify_draws``: fresh draws each returned point and candidate is verified with on a
     randomized ComDefend (and the clean images scored with); ``temperatures``: the
     ``bpda_smooth`` threat model's T, one run each; ``draws_per_call``: APGD's EOT draws
@@ -125,6 +130,7 @@ class Protocol:
     ablation_eot: Sequence[int] = (1, 5, 20)
     ablation_restarts: Sequence[int] = (1, 3)
     ablation_examples: int = 50
+    ablation_eps: float | None = None
     verify_draws: int = 20
     temperatures: Sequence[float] = (5.0, 10.0, 20.0)
     draws_per_call: int = 5
@@ -172,6 +178,9 @@ class Protocol:
             raise ValueError(f"temperatures must be > 0 (at least one), got "
                              f"{list(self.temperatures)}")
         self.temperatures = [float(t) for t in self.temperatures]
+        if self.ablation_eps is not None and not 0 < self.ablation_eps <= 1:
+            raise ValueError(f"ablation eps must be an L-inf radius in (0, 1], got "
+                             f"{self.ablation_eps}")
         if self.search_precision not in SEARCH_PRECISIONS:
             raise ValueError(f"search precision must be one of {', '.join(SEARCH_PRECISIONS)}, "
                              f"got {self.search_precision!r}")
@@ -427,8 +436,21 @@ class Evaluation(AttackPlan):
                              "examples": np.flatnonzero(masked).tolist(),
                              "square_ran_on": int(np.sum(square[0] >= 0))})
 
+    def ablation_radius(self) -> float:
+        """The L-inf radius of the convergence ladders: ``protocol.ablation_eps`` when given,
+        else the largest L-inf radius whose ComDefend strict worst case (the cascade, run
+        before) is at least ``ABLATION_MIN_ROBUST``, else ``protocol.headline_eps``."""
+        protocol = self.protocol
+        if protocol.ablation_eps is not None:
+            return float(protocol.ablation_eps)
+        standing = [worst["eps"] for worst in self.worst
+                    if worst["defense"] == "comdefend" and worst["norm"] == "linf"
+                    and worst["robust_acc_strict"] >= ABLATION_MIN_ROBUST]
+        return float(max(standing)) if standing else float(protocol.headline_eps)
+
     def _run_ablation(self, say):
         protocol = self.protocol
+        eps = self.ablation_radius()
         count = min(protocol.ablation_examples, len(self.images))
         indices = np.arange(count)
         attacked = self._attacked("bpda_eot", "comdefend")
@@ -439,16 +461,17 @@ class Evaluation(AttackPlan):
             say(f"convergence steps={steps} eot={eot} restarts={restarts}")
             tag = f"apgd-ce/steps={steps}/eot={eot}" + (f"/restarts={restarts}"
                                                          if restarts != 1 else "")
-            seed = seeds.attack_seed(protocol.seed, tag, "ce", "bpda_eot", "linf",
-                                     protocol.headline_eps, "comdefend")
-            result = self._apgd(attacked, indices, "linf", protocol.headline_eps, "ce", eot,
+            seed = seeds.attack_seed(protocol.seed, tag, "ce", "bpda_eot", "linf", eps,
+                                     "comdefend")
+            result = self._apgd(attacked, indices, "linf", eps, "ce", eot,
                                 seed, steps=steps, label="ablation/comdefend",
                                 restarts=restarts)
             _, correct, rates, _ = self._verify("comdefend", attack_points(result), indices,
-                                                protocol.headline_eps, "linf")
+                                                eps, "linf")
             summary = scoring.summarize(correct)
             robust[(steps, eot, restarts)] = rates == 0
             self.ablation.append({"steps": steps, "eot": eot, "restarts": restarts, "n": count,
+                                  "eps": eps,
                                   "robust_acc_mean": summary["mean_acc"],
                                   "robust_acc_majority": summary["majority_acc"],
                                   "robust_acc_strict": summary["strict_acc"],
@@ -459,7 +482,7 @@ class Evaluation(AttackPlan):
     # ------------------------------------------------------------------------ results
     def ablation_summary(self) -> list[dict]:
         """Ablation rows, each with ``cumulative_worst_case``: the strict worst case over the
-        main protocol at the headline eps and every ablation run up to this one (in order of
+        main protocol at the ablation's eps and every ablation run up to this one (in order of
         increasing budget) on the ablation examples."""
         if not self.ablation:
             return []
@@ -467,7 +490,7 @@ class Evaluation(AttackPlan):
         robust = np.ones(count, bool)
         for worst in self.worst:
             if (worst["defense"] == "comdefend" and worst["norm"] == "linf"
-                    and math.isclose(worst["eps"], self.protocol.headline_eps)):
+                    and math.isclose(worst["eps"], self.ablation[0]["eps"])):
                 kept = np.zeros(len(self.images), bool)
                 kept[worst["robust_examples"]] = True
                 robust &= kept[:count]

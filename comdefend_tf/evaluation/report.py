@@ -402,9 +402,14 @@ def format_robustness_markdown(results: dict, metadata: dict) -> str:
                      f"{check['loss']}: {'; '.join(check.get('reasons', []))}")
     lines.append("")
     if results["ablation"]:
-        lines.append(f"### Convergence at L-inf eps = {settings['headline_eps']:g} (ComDefend, "
+        eps = results["ablation"][0].get("eps", settings["headline_eps"])
+        lines.append(f"### Convergence at L-inf eps = {eps:g} (ComDefend, "
                      f"bpda_eot, APGD-CE, first {results['ablation'][0]['n']} examples)")
         lines.append("")
+        if settings.get("ablation_eps") is None:
+            lines += [f"The radius: the largest L-inf eps at which at least "
+                      f"{adaptive.ABLATION_MIN_ROBUST:.0%} of the examples withstood ComDefend's "
+                      "whole cascade (else the headline eps); `--ablation_eps` sets it.", ""]
         lines += convergence.markdown_lines(results.get("convergence_verdict"))
         lines.append("| steps | eot | restarts | n | mean | majority | strict | 95% CI (strict) | "
                      "cumulative strict worst case |")

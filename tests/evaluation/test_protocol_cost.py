@@ -133,3 +133,37 @@ def test_float32_search_attacks_the_deployed_purifier_itself():
 def test_an_unknown_search_precision_is_refused():
     with pytest.raises(ValueError, match="search precision"):
         _plan(search_precision="float16")
+
+
+@pytest.mark.parametrize("strict, given, expected", [
+    ({0.1: 0.8, 0.2: 0.35, 0.3: 0.0}, None, 0.2),  # 0.3 shows nothing: everything broken
+    ({0.1: 0.8, 0.2: 0.05, 0.3: 0.0}, None, 0.1),
+    ({0.1: 0.05, 0.2: 0.0, 0.3: 0.0}, None, 0.3),  # none informative: the headline
+    ({0.1: 0.8, 0.2: 0.35, 0.3: 0.0}, 0.3, 0.3),  # --ablation_eps wins
+])
+def test_convergence_ladders_run_where_examples_still_stand(strict, given, expected):
+    plan = _plan(eps={"linf": [0.1, 0.2, 0.3]}, headline_eps=0.3, ablation_eps=given)
+    plan.worst = [{"defense": "comdefend", "norm": "linf", "eps": eps,
+                   "robust_acc_strict": value} for eps, value in strict.items()]
+    plan.worst.append({"defense": "none", "norm": "linf", "eps": 0.3, "robust_acc_strict": 1.0})
+    assert plan.ablation_radius() == expected
+
+
+def test_the_ablation_runs_and_reports_at_its_radius():
+    plan = _plan(eps={"linf": [0.05]}, headline_eps=0.3, threat_models=["bpda_eot"],
+                 losses=["ce"], steps=2, eot_samples=1, ablation_steps=(2, 3),
+                 ablation_examples=4, verify_draws=2)
+    results = plan.run()
+    assert results["settings"]["ablation_eps"] is None
+    worst = [w for w in results["worst_case"] if w["defense"] == "comdefend"][0]
+    expected = 0.05 if worst["robust_acc_strict"] >= adaptive.ABLATION_MIN_ROBUST else 0.3
+    assert {row["eps"] for row in results["ablation"]} == {expected}
+    from comdefend_tf.evaluation import report
+
+    markdown = report.format_robustness_markdown(results, {})
+    assert f"### Convergence at L-inf eps = {expected:g}" in markdown
+
+
+def test_an_ablation_radius_outside_the_unit_interval_is_refused():
+    with pytest.raises(ValueError, match="ablation eps"):
+        _plan(ablation_eps=1.5)
