@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Callable, Sequence
 
 import numpy as np
@@ -76,6 +77,8 @@ FIXED_NOISE_SAME_DRAW = "fixed_noise_same_draw"
 # "Cost"); CE and DLR run under every threat model.
 TARGETED_DEFAULT = ("white_box", "oblivious", "transfer", "bpda_eot")
 SEARCH_PRECISIONS = ("float32", "bfloat16")
+# A targeted threat model: a name, or bpda_smooth with its temperature, bpda_smooth(T=5).
+_TARGETED_LABEL = re.compile(r"(?P<base>\w+)(?:\(T=(?P<temperature>\d+(?:\.\d*)?)\))?")
 
 
 def default_eps(image_shape) -> dict:
@@ -195,24 +198,20 @@ class Protocol:
             return ["all"]
         result = []
         for name in names:
-            base, _, rest = name.partition("(")
-            if base not in threat_models_lib.THREAT_MODELS:
+            match = _TARGETED_LABEL.fullmatch(name)
+            if not match or match["base"] not in threat_models_lib.THREAT_MODELS:
                 raise ValueError(f"targeted threat model {name!r} is not one of "
-                                 f"{', '.join(threat_models_lib.THREAT_MODELS)} (or 'all')")
-            if rest:
-                try:
-                    if base not in threat_models_lib.TEMPERATURE_DEPENDENT:
-                        raise ValueError
-                    temperature = float(rest.removeprefix("T=").removesuffix(")"))
-                    if not (rest.startswith("T=") and rest.endswith(")")):
-                        raise ValueError
-                except ValueError:
+                                 f"{', '.join(threat_models_lib.THREAT_MODELS)} (or 'all'; a "
+                                 "temperature is written bpda_smooth(T=5))")
+            if match["temperature"] is not None:
+                if match["base"] not in threat_models_lib.TEMPERATURE_DEPENDENT:
                     raise ValueError(f"targeted threat model {name!r}: only bpda_smooth takes "
-                                     "a temperature, written bpda_smooth(T=5)") from None
+                                     "a temperature")
+                temperature = float(match["temperature"])
                 if temperature not in self.temperatures:
                     raise ValueError(f"targeted threat model {name!r}: T={temperature:g} is not "
                                      f"one of the temperatures {self.temperatures}")
-                name = f"{base}(T={temperature:g})"
+                name = f"{match['base']}(T={temperature:g})"
             result.append(name)
         return result
 
