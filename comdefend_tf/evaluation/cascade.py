@@ -51,9 +51,8 @@ class CascadeAttack:
     @property
     def label(self) -> str:
         """``threat_model/attack``, the temperature included (``bpda_smooth(T=10)/apgd-ce``)."""
-        variant = (f"{self.threat_model}(T={self.temperature:g})"
-                   if self.temperature is not None else self.threat_model)
-        return f"{variant}/{self.attack}"
+        return (f"{threat_models_lib.variant_label(self.threat_model, self.temperature)}/"
+                f"{self.attack}")
 
 
 def adversarial_images(result) -> np.ndarray:
@@ -240,8 +239,7 @@ class AttackPlan:
                 fixed = threat_model == "fixed_noise"
                 attacked = self._attacked(threat_model, defense_name, temperature)
                 eot = 1 if fixed else K
-                name = (threat_model if temperature is None
-                        else f"{threat_model}(T={temperature:g})")
+                name = threat_models_lib.variant_label(threat_model, temperature)
                 if loss == "t" and not protocol.targeted(name):
                     continue
                 seed = seeds.attack_seed(protocol.seed, ATTACK_NAMES[loss], loss, name, norm,

@@ -146,7 +146,8 @@ class Protocol:
     def _targeted(self, names):
         """The checked, normalised APGD-T threat models (see the class docstring)."""
         if names is None:
-            return list(TARGETED_DEFAULT) + [f"bpda_smooth(T={min(self.temperatures):g})"]
+            return list(TARGETED_DEFAULT) + [threat_models_lib.variant_label(
+                "bpda_smooth", min(self.temperatures))]
         names = [str(name).strip() for name in names if str(name).strip()]
         if names == ["all"]:
             return ["all"]
@@ -165,7 +166,7 @@ class Protocol:
                 if temperature not in self.temperatures:
                     raise ValueError(f"targeted threat model {name!r}: T={temperature:g} is not "
                                      f"one of the temperatures {self.temperatures}")
-                name = f"{match['base']}(T={temperature:g})"
+                name = threat_models_lib.variant_label(match["base"], temperature)
             result.append(name)
         return result
 

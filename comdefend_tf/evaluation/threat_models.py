@@ -201,6 +201,12 @@ def _binarizer_temperature(purifier):
     return 1.0 if getattr(purifier.binarize, "gradient", "identity") == "sigmoid" else None
 
 
+def variant_label(threat_model: str, temperature: float | None = None) -> str:
+    """A threat model's name in reports and settings: ``bpda_smooth(T=5)`` with a
+    temperature, the bare name without."""
+    return threat_model if temperature is None else f"{threat_model}(T={temperature:g})"
+
+
 def is_comdefend(defense) -> bool:
     """Whether ``defense`` is a ComDefend model (its forward options and binarizer exist)."""
     return hasattr(defense, "forward") and hasattr(defense, "binarize")
