@@ -107,8 +107,8 @@ flags.DEFINE_list("temperatures", None, "Temperatures T of the smoothed-binarize
                   "(hard bits forward, sigmoid(logits / T) backward), one run each "
                   "(default 5,10,20).")
 flags.DEFINE_float("ablation_eps", None, "L-inf radius of the convergence ladders (default: the "
-                   "largest --eps at which at least 10% of the examples withstood ComDefend's "
-                   "whole cascade, else the headline eps).")
+                   f"largest --eps at which at least {adaptive.ABLATION_MIN_ROBUST:.0%} of the "
+                   "examples withstood ComDefend's whole cascade, else the headline eps).")
 flags.DEFINE_integer("ablation_examples", None, "Examples in the ablation (the first ones; "
                      "default 50).", lower_bound=1)
 flags.DEFINE_integer("batch_size", None, "Examples per attack batch (default 500).",
@@ -140,13 +140,6 @@ def _names(values):
     return None if values is None else [v.strip() for v in values if v.strip()]
 
 
-def search_precision() -> str:
-    """``--search_precision`` with auto resolved (``precision.bf16_hardware_support``)."""
-    if FLAGS.search_precision != "auto":
-        return FLAGS.search_precision
-    return "bfloat16" if precision.bf16_hardware_support()[0] else "float32"
-
-
 def build_protocol(image_shape):
     """The ``adaptive.Protocol`` the flags describe (library defaults where a flag is unset);
     raises ``app.UsageError`` on bad flags."""
@@ -166,14 +159,14 @@ def build_protocol(image_shape):
         name for name in adaptive.THREAT_MODELS
         if name != "transfer" or FLAGS.second_classifier_dir]
     defenses = _names(FLAGS.defenses) or list(adaptive.DEFENSES)
-    options = {"ablation_eps": FLAGS.ablation_eps, "steps": FLAGS.steps, "eot_samples": FLAGS.eot_samples,
-               "restarts": FLAGS.restarts, "square_queries": FLAGS.square_queries,
+    options = {"ablation_eps": FLAGS.ablation_eps, "steps": FLAGS.steps,
+               "eot_samples": FLAGS.eot_samples, "restarts": FLAGS.restarts, "square_queries": FLAGS.square_queries,
                "square_eot": FLAGS.square_eot, "target_classes": FLAGS.target_classes,
                "losses": _names(FLAGS.losses), "ablation_examples": FLAGS.ablation_examples,
                "batch_size": FLAGS.batch_size, "verify_draws": FLAGS.verify_draws,
                "draws_per_call": FLAGS.draws_per_call,
                "targeted_threat_models": _names(FLAGS.targeted_threat_models),
-               "search_precision": search_precision(),
+               "search_precision": precision.resolve_by_hardware(FLAGS.search_precision),
                "temperatures": (_numbers(FLAGS.temperatures, "temperatures")
                                 if FLAGS.temperatures is not None else None)}
     try:

@@ -287,8 +287,9 @@ def format_robustness_markdown(results: dict, metadata: dict) -> str:
         f"attacks search on a {settings.get('search_precision', 'float32')} ComDefend; every "
         "verdict is the deployed purifier's. No success is thrown away: every point a draw of "
         "the searched pipeline misclassified during an attack is a candidate, verified with "
-        "the final points on fresh draws of the deployed one; per example the point wrong in the most draws counts, "
-        "and the example is broken when its failure rate is significantly above 0 "
+        "the final points on fresh draws of the deployed one; per example the point wrong in "
+        "the most draws counts, and the example is broken when its failure rate is "
+        "significantly above 0 "
         "(one-sided 95% Wilson lower bound > 0, i.e. any wrong draw).")
     lines += modes.markdown_lines(settings)
     if adaptive.LITERT in results["clean"]:

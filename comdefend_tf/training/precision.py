@@ -225,12 +225,18 @@ def apply_precision(precision: str, cpuinfo_path: str = "/proc/cpuinfo") -> str:
     exists yet to run the quality check on). Models built or loaded afterwards use the
     policy; binaries that purify with a trained model use ``select_for_inference`` instead.
     """
-    _check_name(precision)
-    if precision == "auto":
-        supported, _ = bf16_hardware_support(cpuinfo_path)
-        precision = "bfloat16" if supported else "float32"
+    precision = resolve_by_hardware(precision, cpuinfo_path)
     keras.mixed_precision.set_global_policy(KERAS_POLICIES[precision])
     return precision
+
+
+def resolve_by_hardware(precision: str, cpuinfo_path: str = "/proc/cpuinfo") -> str:
+    """``precision`` with ``auto`` made ``bfloat16`` where ``bf16_hardware_support`` finds bf16
+    units, else ``float32`` (no model quality check: for new models and attack searches)."""
+    _check_name(precision)
+    if precision != "auto":
+        return precision
+    return "bfloat16" if bf16_hardware_support(cpuinfo_path)[0] else "float32"
 
 
 @dataclasses.dataclass(frozen=True)
